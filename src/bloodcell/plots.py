@@ -1,0 +1,156 @@
+"""Every figure bloodcell draws, in one style: class names on axes, readable at 100% zoom."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from bloodcell.data import CLASSES  # noqa: E402
+from bloodcell.runs import atomic_path  # noqa: E402
+
+plt.rcParams.update(
+    {
+        "figure.dpi": 100,
+        "savefig.dpi": 110,
+        "font.size": 10,
+        "axes.titlesize": 11,
+        "axes.grid": False,
+        "axes.spines.top": False,
+        "axes.spines.right": False,
+    }
+)
+SPLIT_COLOURS = {"train": "#4C72B0", "val": "#DD8452", "test": "#55A868"}
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def _grid(images: torch.Tensor, n_cols: int) -> np.ndarray:
+    """Tile uint8 (N, 3, H, W) images into one HWC array, white 1 px gutters."""
+    n, _, h, w = images.shape
+    n_rows = -(-n // n_cols)
+    canvas = np.full((n_rows * (h + 1) - 1, n_cols * (w + 1) - 1, 3), 255, np.uint8)
+    hwc = images.permute(0, 2, 3, 1).numpy()
+    for i in range(n):
+        r, c = divmod(i, n_cols)
+        canvas[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = hwc[i]
+    return canvas
+
+
+def montage(images: torch.Tensor, path: Path, n_cols: int = 20, scale: int = 2) -> Path:
+    """A plain image grid, upscaled with nearest neighbour so 28 px cells stay crisp."""
+    grid = Image.fromarray(_grid(images, n_cols))
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="png")
+    return path
+
+
+def class_distribution(counts: Mapping[str, Sequence[int]], path: Path) -> Path:
+    """Counts and relative frequency per class, the splits side by side."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    x = np.arange(len(CLASSES))
+    width = 0.8 / len(counts)
+    for i, (split, values) in enumerate(counts.items()):
+        values = np.asarray(values, float)
+        offset = (i - (len(counts) - 1) / 2) * width
+        colour = SPLIT_COLOURS.get(split)
+        axes[0].bar(x + offset, values, width, label=f"{split} (n={int(values.sum())})", color=colour)
+        axes[1].bar(x + offset, values / values.sum(), width, label=split, color=colour)
+    for ax, title in zip(axes, ("images per class", "relative frequency per class")):
+        ax.set_xticks(x, CLASSES, rotation=30, ha="right")
+        ax.set_title(title)
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.25)
+        ax.legend(loc="upper left")
+    return _save(fig, path)
+
+
+def examples_per_class(images: torch.Tensor, labels: torch.Tensor, path: Path, per_class: int = 10) -> Path:
+    """One row per class, labelled, the first `per_class` examples of each."""
+    fig, axes = plt.subplots(len(CLASSES), 1, figsize=(per_class * 0.9, len(CLASSES) * 1.0))
+    for k, ax in enumerate(axes):
+        row = images[labels == k][:per_class]
+        ax.imshow(_grid(row, per_class), interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(CLASSES[k], rotation=0, ha="right", va="center")
+        for side in ax.spines.values():
+            side.set_visible(False)
+    return _save(fig, path)
+
+
+def confusion_matrix(matrix: np.ndarray, path: Path, title: str = "") -> Path:
+    """Counts beside the row-normalised matrix (rows: true class), classes on both axes."""
+    matrix = np.asarray(matrix)
+    normalised = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.4))
+    for ax, values, fmt, name in (
+        (axes[0], matrix, "{:.0f}", "counts"),
+        (axes[1], normalised, "{:.2f}", "row-normalised"),
+    ):
+        ax.imshow(values, cmap="Blues", vmin=0)
+        ticks = np.arange(len(CLASSES))
+        ax.set_xticks(ticks, CLASSES, rotation=35, ha="right")
+        ax.set_yticks(ticks, CLASSES)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{title} ({name})" if title else name)
+        high = values.max() / 2
+        for (r, c), v in np.ndenumerate(values):
+            ax.text(c, r, fmt.format(v), ha="center", va="center", fontsize=8, color="white" if v > high else "black")
+    return _save(fig, path)
+
+
+def learning_curves(curves: Mapping[str, np.ndarray], path: Path, title: str = "") -> Path:
+    """Loss and accuracy per epoch, train vs validation; arrays are (folds, epochs), the band is +-1 std."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ("loss", "acc")):
+        for split in ("train", "val"):
+            values = np.atleast_2d(np.asarray(curves[f"{split}_{metric}"], float))
+            epochs = np.arange(1, values.shape[1] + 1)
+            mean, std = values.mean(axis=0), values.std(axis=0)
+            ax.plot(epochs, mean, marker="o", ms=3, label=split, color=SPLIT_COLOURS[split])
+            if values.shape[0] > 1:
+                ax.fill_between(epochs, mean - std, mean + std, alpha=0.25, color=SPLIT_COLOURS[split])
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy" if metric == "acc" else "loss")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    n_folds = np.atleast_2d(np.asarray(curves["train_loss"])).shape[0]
+    suffix = f" (mean over {n_folds} folds, band = +-1 std)" if n_folds > 1 else ""
+    fig.suptitle(f"{title}{suffix}")
+    return _save(fig, path)
+
+
+def table(rows: Sequence[Sequence[str]], header: Sequence[str], path: Path, title: str = "") -> Path:
+    """A results table as an image, for slides and reports."""
+    fig, ax = plt.subplots(figsize=(max(6, 2.3 * len(header)), 0.45 * (len(rows) + 2)))
+    ax.axis("off")
+    cells = ax.table(cellText=[list(r) for r in rows], colLabels=list(header), loc="center", cellLoc="center")
+    cells.auto_set_font_size(False)
+    cells.set_fontsize(10)
+    cells.scale(1, 1.4)
+    for (r, _), cell in cells.get_celld().items():
+        if r == 0:
+            cell.set_text_props(weight="bold")
+            cell.set_facecolor("#E8EEF7")
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)

@@ -1,0 +1,50 @@
+"""Shared fixtures: the real data (must exist in CI) and small synthetic npz files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bloodcell import data
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _real_data_dir() -> Path:
+    return Path(os.environ.get(data.DATA_DIR_ENV) or REPO.parent / "shared" / "data").resolve()
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    """The folder with the official bloodmnist.npz; in CI its absence is a failure, not a skip."""
+    folder = _real_data_dir()
+    if not (folder / "bloodmnist.npz").is_file():
+        message = f"real BloodMNIST data not found in {folder} (set {data.DATA_DIR_ENV})"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def real_dataset(real_data_dir):
+    return data.load(real_data_dir)
+
+
+def write_synthetic_npz(path: Path, size: int = 28, n: tuple[int, int, int] = (64, 16, 16), seed: int = 0) -> Path:
+    """A BloodMNIST-format file: each class is a coloured blob so that models can learn it."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in zip(data.SPLITS, n):
+        labels = np.arange(count) % len(data.CLASSES)
+        images = rng.integers(0, 60, size=(count, size, size, 3), dtype=np.uint8)
+        for i, label in enumerate(labels):
+            images[i, : size // 2, :, label % 3] += np.uint8(150)
+            images[i, :, : size // 2, (label // 3) % 3] += np.uint8(40 * (label % 4))
+        arrays[f"{split}_images"] = images
+        arrays[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)
+    np.savez(path, **arrays)
+    return path
