@@ -96,6 +96,100 @@ def cmd_explore(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- the seed study
+
+
+@command("reproduce")
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from bloodcell.study import StudyConfig, markdown_table, reproduce, results_table
+
+    config = StudyConfig(
+        folds=args.folds, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, subset=args.subset
+    )
+    summary = reproduce(_load_dataset(args), Path(args.out), config)
+    if args.json:
+        emit_json(summary)
+        return 0
+    header, rows = results_table({name: {"metrics": m} for name, m in summary["models"].items()})
+    print(markdown_table(header, rows))
+    print(f"{summary['runtime_seconds']:.0f} s; wrote {args.out}/results.{{json,md,png}}, curves, confusion matrices")
+    return 0
+
+
+@command("tune")
+def cmd_tune(args: argparse.Namespace) -> int:
+    from bloodcell.tune import TuneConfig, parse_grid, tune
+
+    config = TuneConfig(
+        model=args.model,
+        grid=None if args.trials and not args.grid else parse_grid(args.grid or "study"),
+        trials=args.trials,
+        folds=args.folds,
+        max_epochs=args.max_epochs,
+        patience=args.patience,
+        seed=args.seed,
+        subset=args.subset,
+    )
+    result = tune(_load_dataset(args), Path(args.out), config, storage=args.storage)
+    if args.json:
+        emit_json(result)
+        return 0
+    for row in result["results"][:10]:
+        print("  ".join(f"{k}={v}" for k, v in row.items()))
+    print(f"best: {result['params']} (CV accuracy {result['cv_accuracy']:.4f}); wrote {args.out}/tune_results.csv")
+    return 0
+
+
+# ---------------------------------------------------------------- train / evaluate
+
+
+@command("train")
+def cmd_train(args: argparse.Namespace) -> int:
+    from bloodcell.pipeline import train_run
+    from bloodcell.train import PRESETS, with_overrides
+
+    config = with_overrides(
+        PRESETS[args.preset],
+        model=args.model,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    metrics = train_run(_load_dataset(args), Path(args.out), config, resume=args.resume, overwrite=args.overwrite)
+    if args.json:
+        emit_json({"run_dir": args.out, **{k: _headline(v) for k, v in metrics.items()}})
+        return 0
+    for split in ("val", "test", "test_tta"):
+        m = metrics[split]
+        print(f"{split:<9} accuracy {m['accuracy']:.4f}  macro AUC {m['auc_macro_ovr']:.4f}  ECE {m['ece']:.4f}")
+    print(f"wrote run to {args.out}")
+    return 0
+
+
+def _headline(values: dict) -> dict:
+    return {k: v for k, v in values.items() if not isinstance(v, list)}
+
+
+@command("evaluate")
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from bloodcell import data
+    from bloodcell.evaluate import evaluate, format_metrics
+    from bloodcell.predict import Classifier
+
+    classifier = Classifier.from_run(args.run_dir)
+    dataset = data.load(args.data_dir, size=classifier.image_size, data_file=args.data_file)
+    result = evaluate(
+        classifier, dataset.split(args.split), tta=args.tta, figures_dir=Path(args.out or args.run_dir), name=args.split
+    )
+    if args.json:
+        emit_json(result)
+        return 0
+    print(f"{args.run_dir}: {args.split} split{' with TTA' if args.tta else ''}")
+    print(format_metrics(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bloodcell",
@@ -112,6 +206,63 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(p)
     p.add_argument("--out", default="explore", help="output folder (default ./explore)")
     _seed_option(p)
+    _json_option(p)
+    p = sub.add_parser(
+        "reproduce",
+        help="rerun the seed study: baseline and CNN, k-fold CV on train+val, every fold model scored on test",
+    )
+    _data_options(p)
+    p.add_argument("--out", default="study", help="output folder (default ./study)")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    p.add_argument("--epochs", type=int, default=5, help="epochs per fold (default 5)")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--subset", type=int, help="use a stratified subset of this many train+val images (quick runs)")
+    _seed_option(p)
+    _json_option(p)
+
+    p = sub.add_parser("tune", help="hyper-parameter search (the study's grid, or TPE), resumable via Optuna storage")
+    _data_options(p)
+    p.add_argument("--out", default="tune", help="output folder (default ./tune)")
+    p.add_argument("--model", default="seed-cnn", help="model to tune (default seed-cnn)")
+    p.add_argument(
+        "--grid",
+        help="'study' (batch 64/128/256 x epochs 30/50 x lr 1e-3/1e-2/1e-1, the default) or "
+        "'batch_size=64,128;max_epochs=30;lr=1e-3,1e-2'",
+    )
+    p.add_argument("--trials", type=int, help="without --grid: run a TPE search of N trials; with it: at most N points")
+    p.add_argument("--storage", help="Optuna storage URL shared by workers (default sqlite:///OUT/tune.db)")
+    p.add_argument("--folds", type=int, default=5, help="CV folds per trial (default 5)")
+    p.add_argument("--max-epochs", type=int, help="cap every trial's epochs (quick looks)")
+    p.add_argument("--patience", type=int, default=5, help="early-stopping patience on validation loss (default 5)")
+    p.add_argument("--subset", type=int, help="use a stratified subset of this many train+val images")
+    _seed_option(p)
+    _json_option(p)
+
+    p = sub.add_parser("train", help="train a model (default: bloodcell's recommended recipe) into a run directory")
+    _data_options(p)
+    p.add_argument("--out", default="runs/default", help="run directory (default runs/default)")
+    p.add_argument(
+        "--preset",
+        default="default",
+        choices=("default", "fast", "study"),
+        help="recipe: default (best), fast (under two minutes), study (the seed CNN's)",
+    )
+    p.add_argument("--model", help="architecture from the registry (overrides the preset's)")
+    p.add_argument("--epochs", type=int, help="epochs (overrides the preset's)")
+    p.add_argument("--batch-size", type=int, help="batch size (overrides the preset's)")
+    p.add_argument("--lr", type=float, help="peak learning rate (overrides the preset's)")
+    p.add_argument("--seed", type=int, help="random seed (default 42)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    _json_option(p)
+
+    p = sub.add_parser("evaluate", help="score a trained run on a split: metrics, per-class table, CI, figures")
+    p.add_argument("run_dir", help="run directory written by `bloodcell train`")
+    _data_options(p, size=False)
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split (default test)")
+    p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations")
+    p.add_argument("--out", help="folder for the figures (default: the run directory)")
     _json_option(p)
     return parser
 

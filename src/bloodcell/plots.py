@@ -154,3 +154,28 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str], path: Path, titl
     if title:
         ax.set_title(title)
     return _save(fig, path)
+
+
+def reliability(labels: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, path: Path, bins: int = 15) -> Path:
+    """Reliability diagram: accuracy vs confidence per bin, before and after temperature scaling."""
+    from bloodcell.metrics import expected_calibration_error
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), sharey=True)
+    edges = np.linspace(0, 1, bins + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    for ax, probs, name in ((axes[0], raw, "before calibration"), (axes[1], calibrated, "after calibration")):
+        confidence, correct = probs.max(1), probs.argmax(1) == labels
+        which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+        accuracy = np.array([correct[which == b].mean() if (which == b).any() else np.nan for b in range(bins)])
+        share = np.bincount(which, minlength=bins) / len(labels)
+        ax.bar(centres, accuracy, width=1 / bins, edgecolor="black", color="#4C72B0", alpha=0.8, label="accuracy")
+        ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+        ax.bar(centres, share, width=1 / bins, color="#DD8452", alpha=0.6, label="share of images")
+        ece = expected_calibration_error(labels, probs, bins)
+        ax.set_title(f"{name} (ECE {ece:.4f})")
+        ax.set_xlabel("confidence")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left")
+    return _save(fig, path)

@@ -1,0 +1,146 @@
+"""The model registry: `create(name, **args)` builds any model by the name the CLI uses.
+
+- `baseline`: the study's one-layer feed-forward net.
+- `seed-cnn`: the study's small CNN, layer for layer.
+- `res-small`, `res-medium`, `res-large`: bloodcell's residual family (global pooling, so any
+  input size from 28 px up works).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from bloodcell.errors import BloodcellError
+
+NUM_CLASSES = 8
+REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str):
+    def add(factory: Callable[..., nn.Module]):
+        REGISTRY[name] = factory
+        return factory
+
+    return add
+
+
+def names() -> list[str]:
+    return list(REGISTRY)
+
+
+def create(name: str, **args) -> nn.Module:
+    if name not in REGISTRY:
+        raise BloodcellError(f"unknown model {name!r}; choose one of {', '.join(REGISTRY)}")
+    return REGISTRY[name](**args)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@register("baseline")
+def baseline(image_size: int = 28, num_classes: int = NUM_CLASSES) -> nn.Module:
+    """Flatten -> Linear: the study's feed-forward baseline."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * image_size * image_size, num_classes))
+
+
+@register("seed-cnn")
+def seed_cnn(image_size: int = 28, num_classes: int = NUM_CLASSES, dropout: float = 0.25) -> nn.Module:
+    """The study's CNN: two 2x2 convolutions, one max-pool, dropout 0.25, a 64-unit dense layer."""
+    side = (image_size - 1) // 2 - 1  # conv k=2 -> pool 2 -> conv k=2
+    return nn.Sequential(
+        nn.Conv2d(3, 64, kernel_size=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2, 2),
+        nn.Dropout(dropout),
+        nn.Conv2d(64, 64, kernel_size=2),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Flatten(),
+        nn.Linear(64 * side * side, 64),
+        nn.Dropout(dropout),
+        nn.Linear(64, num_classes),
+    )
+
+
+def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an identity shortcut."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            *_conv_bn(channels, channels),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+        )
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x + self.body(x))
+
+
+class ResNet(nn.Module):
+    """Stem, then stages of (conv -> 2x2 max-pool -> residual blocks), then global avg+max pooling.
+
+    Max-pooling right after the widening conv (as in airbench) keeps most compute at low resolution,
+    which is what makes CPU training fast. Global pooling makes the net size-agnostic.
+    """
+
+    def __init__(
+        self,
+        widths: tuple[int, ...] = (32, 64, 128),
+        blocks: int = 1,
+        stem: int = 24,
+        num_classes: int = NUM_CLASSES,
+        image_size: int = 28,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        layers: list[nn.Module] = _conv_bn(3, stem)
+        c_in = stem
+        for width in widths:
+            layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.MaxPool2d(2)]
+            layers += [nn.BatchNorm2d(width), nn.GELU()]
+            layers += [ResidualBlock(width) for _ in range(blocks)]
+            c_in = width
+        self.features = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(2 * c_in, num_classes)
+        self.image_size = image_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        pooled = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
+        return self.head(self.dropout(pooled))
+
+    @property
+    def last_conv_stage(self) -> nn.Module:
+        """The layer Grad-CAM hooks: the output of the last residual stage."""
+        return self.features[-1]
+
+
+RES_SIZES = {
+    "res-small": {"widths": (32, 64, 128), "blocks": 1, "stem": 24},
+    "res-medium": {"widths": (48, 96, 192), "blocks": 1, "stem": 32},
+    "res-large": {"widths": (64, 128, 256), "blocks": 2, "stem": 32},
+}
+
+
+def _residual_factory(preset: dict) -> Callable[..., nn.Module]:
+    def factory(**args) -> nn.Module:
+        merged = {**preset, **args}
+        merged["widths"] = tuple(merged["widths"])
+        return ResNet(**merged)
+
+    return factory
+
+
+for _name, _preset in RES_SIZES.items():
+    register(_name)(_residual_factory(_preset))

@@ -1,0 +1,178 @@
+"""Hyper-parameter search with Optuna, scored by k-fold CV accuracy with early stopping.
+
+The study's grid runs through Optuna's GridSampler; `trials=N` runs a TPE search over ranges
+instead. Trials live in an Optuna storage (SQLite by default), so a search can be interrupted
+and resumed, and several workers can share one database.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+from sklearn.model_selection import StratifiedKFold
+
+from bloodcell import plots, runs
+from bloodcell.data import Dataset
+from bloodcell.errors import BloodcellError
+from bloodcell.study import pooled_train_val
+from bloodcell.train import PRESETS, build_model, fit, with_overrides
+
+STUDY_GRID = {"batch_size": [64, 128, 256], "max_epochs": [30, 50], "lr": [1e-3, 1e-2, 1e-1]}
+STUDY_NAME = "bloodcell-tune"
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    model: str = "seed-cnn"
+    grid: dict | None = None  # None: TPE over ranges
+    trials: int | None = None  # TPE trials, or at most this many grid points this session
+    folds: int = 5
+    max_epochs: int | None = None  # caps every trial's epochs (a quick look at the grid)
+    patience: int = 5
+    seed: int = 42
+    subset: int | None = None
+
+
+def parse_grid(spec: str) -> dict:
+    """'study' or 'batch_size=64,128;max_epochs=30;lr=1e-3,1e-2' -> {name: [values]}."""
+    if spec == "study":
+        return STUDY_GRID
+    grid = {}
+    for part in filter(None, spec.split(";")):
+        name, _, values = part.partition("=")
+        if name not in STUDY_GRID or not values:
+            raise BloodcellError(f"bad grid entry {part!r}; expected NAME=V1,V2 with NAME in {', '.join(STUDY_GRID)}")
+        cast = float if name == "lr" else int
+        grid[name] = [cast(v) for v in values.split(",")]
+    missing = set(STUDY_GRID) - set(grid)
+    if missing:
+        raise BloodcellError(f"grid is missing {', '.join(sorted(missing))}")
+    return grid
+
+
+def _params(trial: optuna.Trial, config: TuneConfig) -> dict:
+    if config.grid is not None:
+        return {name: trial.suggest_categorical(name, values) for name, values in config.grid.items()}
+    return {
+        "batch_size": trial.suggest_categorical("batch_size", [64, 128, 256]),
+        "max_epochs": trial.suggest_int("max_epochs", 10, 50, step=10),
+        "lr": trial.suggest_float("lr", 1e-4, 1e-1, log=True),
+    }
+
+
+def cv_score(dataset: Dataset, params: dict, config: TuneConfig) -> dict:
+    """Mean validation accuracy over k stratified folds of train+val (the test split is never used)."""
+    pool, _ = pooled_train_val(dataset, config.subset, config.seed)
+    epochs = min(params["max_epochs"], config.max_epochs or params["max_epochs"])
+    train_config = with_overrides(
+        PRESETS["study"],
+        model=config.model,
+        batch_size=params["batch_size"],
+        lr=params["lr"],
+        epochs=epochs,
+        patience=config.patience,
+    )
+    folds = StratifiedKFold(n_splits=config.folds, shuffle=True, random_state=config.seed)
+    accuracies, stopped = [], []
+    for fold, (train_idx, val_idx) in enumerate(folds.split(np.zeros(len(pool)), pool.labels.numpy())):
+        fold_config = with_overrides(train_config, seed=config.seed + fold)
+        val = pool.subset(torch.from_numpy(val_idx))
+        result = fit(
+            build_model(fold_config, pool.images.shape[-1]),
+            pool.subset(torch.from_numpy(train_idx)),
+            val,
+            fold_config,
+            progress=False,
+        )
+        accuracies.append(result.history[result.best_epoch - 1]["val_acc"])
+        stopped.append(len(result.history))
+    return {"accuracy": float(np.mean(accuracies)), "std": float(np.std(accuracies)), "epochs_run": stopped}
+
+
+def open_study(storage: str, config: TuneConfig) -> optuna.Study:
+    sampler = (
+        optuna.samplers.GridSampler(config.grid, seed=config.seed)
+        if config.grid is not None
+        else optuna.samplers.TPESampler(seed=config.seed)
+    )
+    storage_obj = optuna.storages.RDBStorage(
+        storage,
+        heartbeat_interval=60,
+        grace_period=180,
+        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+    )
+    return optuna.create_study(
+        study_name=STUDY_NAME, storage=storage_obj, sampler=sampler, direction="maximize", load_if_exists=True
+    )
+
+
+def _grid_left(study: optuna.Study, grid: dict) -> int:
+    total = int(np.prod([len(v) for v in grid.values()]))
+    done = {
+        tuple(t.params[k] for k in grid)
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    }
+    return total - len(done)
+
+
+def tune(dataset: Dataset, out_dir: Path, config: TuneConfig, storage: str | None = None) -> dict:
+    """Run (or resume) the search and write tune_results.csv/png and best_params.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    storage = storage or f"sqlite:///{(out_dir / 'tune.db').resolve()}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_study(storage, config)
+
+    def objective(trial: optuna.Trial) -> float:
+        started = time.perf_counter()
+        score = cv_score(dataset, _params(trial, config), config)
+        trial.set_user_attr("std", score["std"])
+        trial.set_user_attr("epochs_run", score["epochs_run"])
+        trial.set_user_attr("seconds", time.perf_counter() - started)
+        return score["accuracy"]
+
+    if config.grid is not None:
+        n_trials = _grid_left(study, config.grid)
+        if config.trials is not None:
+            n_trials = min(n_trials, config.trials)
+    else:
+        n_trials = config.trials or 20
+    if n_trials > 0:
+        study.optimize(objective, n_trials=n_trials, show_progress_bar=True)
+    return write_results(study, out_dir)
+
+
+def write_results(study: optuna.Study, out_dir: Path) -> dict:
+    trials = sorted(
+        study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
+        key=lambda t: t.value,
+        reverse=True,
+    )
+    if not trials:
+        raise BloodcellError(f"{out_dir}: no completed trials yet")
+    rows = [
+        {
+            **t.params,
+            "cv_accuracy": round(t.value, 4),
+            "cv_std": round(t.user_attrs.get("std", float("nan")), 4),
+            "mean_epochs_run": float(np.mean(t.user_attrs.get("epochs_run", [0]))),
+            "seconds": round(t.user_attrs.get("seconds", float("nan")), 1),
+        }
+        for t in trials
+    ]
+    runs.write_csv(out_dir / "tune_results.csv", rows)
+    header = list(rows[0])
+    plots.table(
+        [[str(r[h]) for h in header] for r in rows],
+        header,
+        out_dir / "tune_results.png",
+        title="CV accuracy, best first",
+    )
+    best = {"params": trials[0].params, "cv_accuracy": trials[0].value, "completed_trials": len(trials)}
+    runs.write_json(out_dir / "best_params.json", best)
+    return {**best, "results": rows}
