@@ -48,3 +48,13 @@ def write_synthetic_npz(path: Path, size: int = 28, n: tuple[int, int, int] = (6
         arrays[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)
     np.savez(path, **arrays)
     return path
+
+
+@pytest.fixture(scope="session")
+def real_subset_file(real_data_dir, tmp_path_factory) -> Path:
+    """A small BloodMNIST-format file cut from the real data (first 600/200/300 of each split)."""
+    path = tmp_path_factory.mktemp("subset") / "bloodmnist_subset.npz"
+    with np.load(real_data_dir / "bloodmnist.npz") as full:
+        cut = {"train": 600, "val": 200, "test": 300}
+        np.savez(path, **{f"{s}_{k}": full[f"{s}_{k}"][:n] for s, n in cut.items() for k in ("images", "labels")})
+    return path

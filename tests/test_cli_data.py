@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 from PIL import Image
 
+from tests.cli import run_cli
 from tests.conftest import write_synthetic_npz
-
-
-def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "bloodcell", *args], capture_output=True, text=True)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
 
 
 def test_info_json_reports_official_split_sizes(real_data_dir):

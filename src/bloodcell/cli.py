@@ -1,7 +1,7 @@
 """`bloodcell` command line: argument parsing only; every command calls plain library functions.
 
-Exit codes: 0 success, 1 a user-fixable error (one line on stderr), 2 bad usage (argparse).
-`predict` adds its own codes, documented in its --help.
+Exit codes: 0 success, 1 a user-fixable error (one line on stderr), 2 bad usage (argparse);
+`predict` also returns 3 when some files could not be classified and 4 when none could.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from bloodcell import __version__
 from bloodcell.errors import BloodcellError
 
 EXIT_ERROR = 1
+EXIT_SOME_FAILED = 3
+EXIT_NONE_CLASSIFIED = 4
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
 
@@ -190,6 +192,70 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- predict
+
+
+@command("predict")
+def cmd_predict(args: argparse.Namespace) -> int:
+    from bloodcell.predict import Classifier, differential
+    from bloodcell.runs import write_csv
+
+    classifier = Classifier.from_run(args.run_dir)
+    try:
+        records = classifier.predict_files(
+            args.paths,
+            crop=args.crop,
+            tta=args.tta,
+            top_k=args.top_k,
+            min_confidence=args.min_confidence,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            progress=not args.json,
+        )
+    except ValueError as exc:
+        raise BloodcellError(str(exc)) from None
+    if not records:
+        raise BloodcellError(f"no image files found in {' '.join(args.paths)}")
+    summary = differential(records, classifier.classes)
+    if args.csv:
+        write_csv(Path(args.csv), [_csv_row(r) for r in records])
+    if args.json:
+        emit_json({"records": records, "summary": summary})
+    else:
+        _print_predictions(records, summary)
+    if summary["classified"] == 0:
+        return EXIT_NONE_CLASSIFIED
+    return EXIT_SOME_FAILED if summary["failed"] else 0
+
+
+def _csv_row(record: dict) -> dict:
+    top = "; ".join(f"{t['class']}={t['probability']:.4f}" for t in record["top_k"])
+    return {k: record[k] for k in ("path", "class", "probability", "review", "error")} | {"top_k": top}
+
+
+def _print_predictions(records: list[dict], summary: dict) -> None:
+    for r in records:
+        if r["error"]:
+            print(f"{r['path']}\tERROR\t{r['error']}")
+        else:
+            flag = "\treview" if r["review"] else ""
+            print(f"{r['path']}\t{r['class']}\t{r['probability']:.4f}{flag}")
+    print()
+    print(
+        f"{summary['classified']} of {summary['images']} images classified, "
+        f"{summary['flagged_for_review']} flagged for review, {summary['failed']} failed"
+    )
+    print(f"{'class':<22}{'count':>7}{'%':>8}")
+    for name, row in summary["per_class"].items():
+        print(f"{name:<22}{row['count']:>7}{row['percent']:>8.1f}")
+    if summary["white_cells"]:
+        print(f"\nwhite-cell differential ({summary['white_cells']} white cells)")
+        for name, row in summary["white_cell_differential"].items():
+            print(f"{name:<22}{row['count']:>7}{row['percent']:>8.1f}")
+        print(f"erythroblasts per 100 white cells: {summary['erythroblasts_per_100_wbc']:.1f}")
+    print(f"platelets (counted apart): {summary['platelets']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bloodcell",
@@ -263,6 +329,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split (default test)")
     p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations")
     p.add_argument("--out", help="folder for the figures (default: the run directory)")
+    _json_option(p)
+
+    p = sub.add_parser(
+        "predict",
+        help="classify image files/folders with a trained run and print the differential count",
+        description="Classify cell images (JPEG/PNG/BMP/TIFF, one cell per image, any size). Exit codes: 0 all "
+        "classified, 3 some files could not be read (error rows), 4 none could, 1 other errors.",
+    )
+    p.add_argument("run_dir", help="run directory written by `bloodcell train`")
+    p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--csv", help="also write one row per image to this CSV file")
+    p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations")
+    p.add_argument("--top-k", type=int, default=3, help="classes listed per image (default 3)")
+    p.add_argument(
+        "--min-confidence",
+        type=float,
+        default=0.8,
+        help="flag images whose top probability is below this for review (default 0.8)",
+    )
+    p.add_argument("--batch-size", type=int, default=256, help="images per inference batch (default 256)")
+    p.add_argument("--workers", type=int, help="image-decoding threads (default: 2 x CPU cores, at most 8)")
+    p.add_argument(
+        "--crop",
+        default="medmnist",
+        help="'medmnist' (the BloodMNIST geometry, default), 'none' (largest centred square) or a fraction",
+    )
     _json_option(p)
     return parser
 

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+from tqdm import tqdm
 
-from bloodcell import models, runs
+from bloodcell import models, preprocess, runs
 from bloodcell.errors import BloodcellError
 from bloodcell.train import predict_logits
+
+LEUKOCYTES = ("basophil", "eosinophil", "immature granulocyte", "lymphocyte", "monocyte", "neutrophil")
 
 
 @dataclass
@@ -79,6 +85,112 @@ class Classifier:
 
     def predict(self, images: torch.Tensor | np.ndarray, tta: bool = False) -> list[str]:
         return [self.classes[i] for i in self.predict_proba(images, tta).argmax(1).tolist()]
+
+    def records(self, probs: torch.Tensor, top_k: int = 3, min_confidence: float = 0.0) -> list[dict]:
+        """One record per image: predicted class, probability, top-k and a review flag."""
+        top = probs.topk(min(top_k, probs.shape[1]), dim=1)
+        return [
+            {
+                "class": self.classes[indices[0]],
+                "probability": values[0],
+                "top_k": [{"class": self.classes[i], "probability": v} for i, v in zip(indices, values)],
+                "review": values[0] < min_confidence,
+            }
+            for values, indices in zip(top.values.tolist(), top.indices.tolist())
+        ]
+
+    def predict_images(
+        self,
+        images: list[Image.Image | np.ndarray],
+        crop: str | float = "medmnist",
+        tta: bool = False,
+        top_k: int = 3,
+        min_confidence: float = 0.0,
+    ) -> list[dict]:
+        """Full-size PIL images or HWC uint8 arrays, preprocessed like `predict_files`."""
+        crop_spec = preprocess.Crop.parse(crop)
+        prepared = [
+            preprocess.prepare(
+                im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im)), self.image_size, crop_spec
+            )
+            for im in images
+        ]
+        return self.records(self.predict_proba(preprocess.to_tensor(prepared), tta), top_k, min_confidence)
+
+    def predict_files(
+        self,
+        paths: list[str | Path],
+        crop: str | float = "medmnist",
+        tta: bool = False,
+        top_k: int = 3,
+        min_confidence: float = 0.0,
+        batch_size: int = 256,
+        workers: int | None = None,
+        progress: bool = False,
+    ) -> list[dict]:
+        """Classify image files (folders are searched recursively). A file that cannot be read gets
+        a record with `error` set instead of stopping the batch."""
+        crop_spec = preprocess.Crop.parse(crop)
+        files = preprocess.find_images(paths)
+        records: list[dict] = []
+        workers = workers or min(8, (os.cpu_count() or 2) * 2)
+
+        def load(path: Path) -> np.ndarray | str:
+            try:
+                return preprocess.load_file(path, self.image_size, crop_spec)
+            except preprocess.ImageError as exc:
+                return str(exc)
+            except OSError as exc:  # missing file, permission denied
+                return exc.strerror or str(exc)
+
+        with ThreadPoolExecutor(workers) as pool, tqdm(total=len(files), unit="img", disable=not progress) as bar:
+            for start in range(0, len(files), batch_size):
+                chunk = files[start : start + batch_size]
+                loaded = list(pool.map(load, chunk))
+                good = [i for i, item in enumerate(loaded) if not isinstance(item, str)]
+                results = {}
+                if good:
+                    probs = self.predict_proba(preprocess.to_tensor([loaded[i] for i in good]), tta)
+                    results = dict(zip(good, self.records(probs, top_k, min_confidence)))
+                for i, path in enumerate(chunk):
+                    if i in results:
+                        records.append({"path": str(path), **results[i], "error": None})
+                    else:
+                        records.append(
+                            {
+                                "path": str(path),
+                                "class": None,
+                                "probability": None,
+                                "top_k": [],
+                                "review": False,
+                                "error": loaded[i],
+                            }
+                        )
+                bar.update(len(chunk))
+        return records
+
+
+def differential(records: list[dict], classes: list[str]) -> dict:
+    """The differential count a lab reads: per class, white cells, erythroblasts per 100 WBC, platelets."""
+    classified = [r for r in records if r.get("error") is None]
+    counts = {name: sum(r["class"] == name for r in classified) for name in classes}
+    total = len(classified)
+    wbc = sum(counts[name] for name in LEUKOCYTES if name in counts)
+    return {
+        "images": len(records),
+        "classified": total,
+        "failed": len(records) - total,
+        "flagged_for_review": sum(bool(r["review"]) for r in classified),
+        "per_class": {name: {"count": n, "percent": 100 * n / total if total else 0.0} for name, n in counts.items()},
+        "white_cells": wbc,
+        "white_cell_differential": {
+            name: {"count": counts[name], "percent": 100 * counts[name] / wbc if wbc else 0.0}
+            for name in LEUKOCYTES
+            if name in counts
+        },
+        "erythroblasts_per_100_wbc": 100 * counts.get("erythroblast", 0) / wbc if wbc else None,
+        "platelets": counts.get("platelet", 0),
+    }
 
 
 def load(run_dir: str | Path) -> Classifier:

@@ -263,7 +263,11 @@ def fit(
     optimizer = _optimizer(model, config)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     scheduler = _scheduler(optimizer, config, config.epochs * steps_per_epoch)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)) if config.ema_decay else None
+    ema = (  # use_buffers: BatchNorm statistics must follow the averaged weights
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+        if config.ema_decay
+        else None
+    )
     history: list[dict] = []
     best = {"epoch": 0, "val_loss": math.inf, "bad_epochs": 0}
     best_weights: dict[str, torch.Tensor] | None = None
