@@ -58,3 +58,26 @@ def real_subset_file(real_data_dir, tmp_path_factory) -> Path:
         cut = {"train": 600, "val": 200, "test": 300}
         np.savez(path, **{f"{s}_{k}": full[f"{s}_{k}"][:n] for s, n in cut.items() for k in ("images", "labels")})
     return path
+
+
+@pytest.fixture(scope="session")
+def fast_run(real_data_dir, tmp_path_factory) -> Path:
+    """A properly trained model (the `fast` preset on the full real data, ~1.5 min), shared by tests."""
+    from bloodcell.pipeline import train_run
+    from bloodcell.train import PRESETS
+
+    run_dir = tmp_path_factory.mktemp("fast") / "run"
+    train_run(data.load(real_data_dir), run_dir, PRESETS["fast"], progress=False)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def pbc_sample(real_data_dir) -> list[dict]:
+    """The 400 full-size PBC images with their class and BloodMNIST training index."""
+    import csv
+
+    root = real_data_dir / "pbc_sample"
+    with open(root / "labels.csv") as f:
+        rows = list(csv.DictReader(f))
+    # labels.csv spells classes with underscores; use the integer label for the class name
+    return [{**r, "path": root / r["file"], "class": data.CLASSES[int(r["label"])]} for r in rows]

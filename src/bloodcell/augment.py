@@ -18,6 +18,7 @@ class AugmentConfig:
     rot90: bool = True
     translate: int = 2  # max shift in pixels, reflect-padded
     colour: float = 0.0  # max relative brightness/contrast/saturation jitter, 0 = off
+    sharpness: float = 0.0  # max unsharp-mask amount (negative = blur), 0 = off; bridges scanner/resize differences
 
 
 def to_float(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -87,8 +88,26 @@ def random_colour(x: torch.Tensor, strength: float, generator: torch.Generator) 
     return x + (factor() - 1)
 
 
+def random_sharpness(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """x + a * (x - blur(x)) with a per-image a in [-strength/2, strength]: blur or sharpen each image.
+
+    Real images resized by another pipeline are softer or crisper than BloodMNIST's; this makes the
+    model care less.
+    """
+    if strength <= 0:
+        return x
+    kernel = torch.tensor([1.0, 2.0, 1.0])
+    kernel = (kernel[:, None] * kernel[None, :] / 16).expand(x.shape[1], 1, 3, 3).contiguous()
+    blurred = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=x.shape[1]
+    )
+    amount = torch.rand(len(x), 1, 1, 1, generator=generator) * 1.5 * strength - strength / 2
+    return x + amount * (x - blurred)
+
+
 def augment_batch(x: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     """Augment a normalised float batch: symmetries, translation, optional colour jitter."""
     x = random_dihedral(x, generator, config.flip, config.rot90)
     x = random_translate(x, config.translate, generator)
+    x = random_sharpness(x, config.sharpness, generator)
     return random_colour(x, config.colour, generator)

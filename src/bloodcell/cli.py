@@ -256,6 +256,60 @@ def _print_predictions(records: list[dict], summary: dict) -> None:
     print(f"platelets (counted apart): {summary['platelets']}")
 
 
+# ---------------------------------------------------------------- explain / report
+
+
+@command("explain")
+def cmd_explain(args: argparse.Namespace) -> int:
+    from bloodcell import data, explain
+    from bloodcell.predict import Classifier
+
+    classifier = Classifier.from_run(args.run_dir)
+    out = Path(args.out)
+    written = [explain.explain_file(classifier, Path(p), out, args.class_name, args.crop) for p in args.images]
+    if args.index:
+        split = data.load(args.data_dir, size=classifier.image_size, data_file=args.data_file).split(args.split)
+        for index in args.index:
+            if not 0 <= index < len(split):
+                raise BloodcellError(f"--index {index} is outside the {args.split} split (0..{len(split) - 1})")
+            image = split.images[index].permute(1, 2, 0).numpy()
+            explanation = explain.explain_image(classifier, image, args.class_name)
+            source = f"{args.split}[{index}] (true {classifier.classes[split.labels[index]]})"
+            written.append(
+                explain.render(classifier, explanation, image, out / f"{args.split}_{index}_gradcam.png", source)
+            )
+    if not written:
+        raise BloodcellError("nothing to explain: give image files and/or --index")
+    if args.json:
+        emit_json({"figures": [str(p) for p in written]})
+    else:
+        for path in written:
+            print(f"wrote {path}")
+    return 0
+
+
+@command("report")
+def cmd_report(args: argparse.Namespace) -> int:
+    from bloodcell import data, report
+
+    run_dir = Path(args.run_dir)
+    out = Path(args.out or run_dir / "report.html")
+    if (run_dir / "results.json").is_file():
+        path = report.study_report(run_dir, out)
+    else:
+        from bloodcell.predict import Classifier
+
+        classifier = Classifier.from_run(run_dir)
+        dataset = data.load(args.data_dir, size=classifier.image_size, data_file=args.data_file)
+        path = report.run_report(run_dir, dataset, out)
+    size = path.stat().st_size
+    if args.json:
+        emit_json({"report": str(path), "bytes": size})
+    else:
+        print(f"wrote {path} ({size / 1e6:.1f} MB)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bloodcell",
@@ -355,6 +409,23 @@ def build_parser() -> argparse.ArgumentParser:
         default="medmnist",
         help="'medmnist' (the BloodMNIST geometry, default), 'none' (largest centred square) or a fraction",
     )
+    _json_option(p)
+
+    p = sub.add_parser("explain", help="Grad-CAM heat maps for image files or dataset images")
+    p.add_argument("run_dir", help="run directory written by `bloodcell train`")
+    p.add_argument("images", nargs="*", help="full-size image files (preprocessed as in `predict`)")
+    p.add_argument("--out", default="explain", help="output folder for the PNGs (default ./explain)")
+    p.add_argument("--class", dest="class_name", help="explain this class instead of the predicted one")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split for --index")
+    p.add_argument("--index", type=int, nargs="+", help="dataset image indices in --split")
+    p.add_argument("--crop", default="medmnist", help="crop for image files, as in `predict`")
+    _data_options(p, size=False)
+    _json_option(p)
+
+    p = sub.add_parser("report", help="one self-contained HTML report for a run (or a `reproduce` folder)")
+    p.add_argument("run_dir", help="run directory, or an output folder of `bloodcell reproduce`")
+    p.add_argument("--out", help="HTML file (default RUN_DIR/report.html)")
+    _data_options(p, size=False)
     _json_option(p)
     return parser
 

@@ -179,3 +179,57 @@ def reliability(labels: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, pat
     axes[0].set_ylabel("accuracy")
     axes[0].legend(loc="upper left")
     return _save(fig, path)
+
+
+def _upscale(image: np.ndarray, side: int) -> np.ndarray:
+    """uint8 HWC -> side x side; nearest for tiny inputs (crisp pixels), bilinear for photos."""
+    filter_ = Image.NEAREST if image.shape[0] < side / 3 else Image.BILINEAR
+    return np.asarray(Image.fromarray(image).resize((side, side), filter_))
+
+
+def gradcam(image: np.ndarray, heatmap: np.ndarray, path: Path, title: str, side: int = 280) -> Path:
+    """The input beside its Grad-CAM overlay, both at a visible size."""
+    shown = _upscale(image, side)
+    heat = np.asarray(Image.fromarray(heatmap.astype(np.float32)).resize((side, side), Image.BILINEAR))
+    fig, axes = plt.subplots(1, 2, figsize=(7.5, 4.1))
+    axes[0].imshow(shown)
+    axes[0].set_title("input")
+    axes[1].imshow(shown)
+    overlay = axes[1].imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    axes[1].set_title("Grad-CAM")
+    fig.colorbar(overlay, ax=axes[1], fraction=0.046, pad=0.04)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def roc_curves(labels: np.ndarray, probs: np.ndarray, path: Path) -> Path:
+    """One-vs-rest ROC curve per class, AUC in the legend."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    for k, name in enumerate(CLASSES):
+        positive = labels == k
+        if positive.any() and not positive.all():
+            fpr, tpr, _ = roc_curve(positive, probs[:, k])
+            ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(positive, probs[:, k]):.4f})")
+    ax.plot([0, 1], [0, 1], "--", color="grey")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("one-vs-rest ROC, test split")
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
+def gallery(images: Sequence[np.ndarray], captions: Sequence[str], path: Path, n_cols: int = 6) -> Path:
+    """Labelled thumbnails (uint8 HWC), e.g. the most confident mistakes."""
+    n_rows = max(1, -(-len(images) // n_cols))
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.1 * n_cols, 2.5 * n_rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, caption in zip(axes.flat, images, captions):
+        ax.imshow(image, interpolation="nearest")
+        ax.set_title(caption, fontsize=7.5)
+    return _save(fig, path)

@@ -1,0 +1,111 @@
+"""Grad-CAM: which part of the image drove a prediction.
+
+Hooks the last convolutional stage, weights its feature maps by the spatially averaged
+gradient of the class score, keeps the positive part and upsamples it to the input size
+(Selvaraju et al., 2017). A small implementation, because the maintained library
+(pytorch-grad-cam) depends on torchvision, which has no CPU build here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from bloodcell import plots, preprocess
+from bloodcell.augment import to_float
+from bloodcell.errors import BloodcellError
+from bloodcell.predict import Classifier
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """A heat map in [0, 1] at input resolution, for one image and one class."""
+
+    heatmap: np.ndarray  # (H, W)
+    class_index: int
+    probability: float  # calibrated probability of that class
+    predicted_index: int
+
+
+def target_layer(model: nn.Module) -> nn.Module:
+    """The model's last convolutional stage (its own `last_conv_stage`, else the last Conv2d)."""
+    if hasattr(model, "last_conv_stage"):
+        return model.last_conv_stage
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise BloodcellError("Grad-CAM needs a convolutional model; this one has no Conv2d layer")
+    return convs[-1]
+
+
+def grad_cam(
+    model: nn.Module, x: torch.Tensor, class_index: int | None = None, temperature: float = 1.0
+) -> Explanation:
+    """Grad-CAM for one normalised float image `x` (1, 3, H, W)."""
+    layer = target_layer(model)
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(_module, _inputs, output):
+        output.retain_grad()
+        captured["activation"] = output
+
+    handle = layer.register_forward_hook(keep)
+    try:
+        model.eval()
+        with torch.enable_grad():
+            logits = model(x.requires_grad_(True))
+            predicted = int(logits.argmax(1))
+            target = predicted if class_index is None else class_index
+            model.zero_grad(set_to_none=True)
+            logits[0, target].backward()
+    finally:
+        handle.remove()
+    activation = captured["activation"]
+    weights = activation.grad.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * activation).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0].detach()
+    cam = cam / cam.max() if cam.max() > 0 else cam
+    probability = torch.softmax(logits.detach() / temperature, 1)[0, target].item()
+    return Explanation(cam.numpy(), target, probability, predicted)
+
+
+def explain_image(classifier: Classifier, image: np.ndarray, class_name: str | None = None) -> Explanation:
+    """Grad-CAM for one uint8 HWC image already at the classifier's input size."""
+    class_index = None
+    if class_name is not None:
+        if class_name not in classifier.classes:
+            raise BloodcellError(f"unknown class {class_name!r}; choose one of {', '.join(classifier.classes)}")
+        class_index = classifier.classes.index(class_name)
+    norm = classifier.meta["normalize"]
+    x = to_float(torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None], norm["mean"], norm["std"])
+    return grad_cam(classifier.model, x, class_index, classifier.temperature)
+
+
+def explain_file(
+    classifier: Classifier, path: Path, out_dir: Path, class_name: str | None = None, crop: str = "medmnist"
+) -> Path:
+    """Explain a full-size image file; the overlay is drawn on the cropped original at full resolution."""
+    crop_spec = preprocess.Crop.parse(crop)
+    try:
+        model_input = preprocess.load_file(path, classifier.image_size, crop_spec)
+        with Image.open(path) as image:
+            shown = np.asarray(preprocess.centre_crop(preprocess.to_rgb(image), crop_spec))
+    except preprocess.ImageError as exc:
+        raise BloodcellError(f"{path}: {exc}") from None
+    explanation = explain_image(classifier, model_input, class_name)
+    return render(classifier, explanation, shown, Path(out_dir) / f"{Path(path).stem}_gradcam.png", str(path))
+
+
+def render(classifier: Classifier, explanation: Explanation, shown: np.ndarray, path: Path, source: str) -> Path:
+    predicted = classifier.classes[explanation.predicted_index]
+    target = classifier.classes[explanation.class_index]
+    title = f"{Path(source).name}: predicted {predicted}"
+    if target != predicted:
+        title += f"; map for {target}"
+    title += f" (p={explanation.probability:.3f})"
+    return plots.gradcam(shown, explanation.heatmap, path, title)

@@ -1,0 +1,144 @@
+"""Grad-CAM (shape, normalisation, localisation on a toy model), `explain`, and the HTML report."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from bloodcell import explain, models
+from tests.cli import run_cli
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=5000",
+]
+
+
+class RedDetector(nn.Module):
+    """Class 1 = 'there is red here': a fixed conv that responds to the red channel, then pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.bias.zero_()
+            self.conv.weight[1, 0] = 1.0  # channel 1 sums the red neighbourhood
+            self.conv.weight[0, 2] = 1.0  # channel 0 sums the blue neighbourhood
+        self.head = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.eye(2))
+            self.head.bias.zero_()
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_gradcam_highlights_the_region_that_decides_the_class():
+    x = torch.zeros(1, 3, 28, 28)
+    x[0, 2] = 0.2  # faint blue everywhere
+    x[0, 0, 4:10, 18:24] = 1.0  # a red patch top-right
+    cam = explain.grad_cam(RedDetector(), x, class_index=1)
+    assert cam.heatmap.shape == (28, 28)
+    assert cam.heatmap.min() >= 0 and cam.heatmap.max() == pytest.approx(1.0)
+    peak_row, peak_col = divmod(int(cam.heatmap.argmax()), 28)
+    assert 3 <= peak_row <= 10 and 17 <= peak_col <= 24
+    assert cam.heatmap[4:10, 18:24].mean() > 5 * cam.heatmap[15:, :12].mean()
+
+
+@pytest.mark.parametrize("name", [n for n in models.names() if n != "baseline"])
+def test_gradcam_works_for_every_conv_model(name):
+    model = models.create(name)
+    cam = explain.grad_cam(model, torch.randn(1, 3, 28, 28))
+    assert cam.heatmap.shape == (28, 28) and 0 <= cam.heatmap.min() <= cam.heatmap.max() <= 1
+    assert 0 <= cam.probability <= 1
+
+
+def test_explain_on_files_and_dataset_indices(fast_run, pbc_sample, real_data_dir, tmp_path):
+    files = [str(r["path"]) for r in pbc_sample[::100]]
+    result = run_cli(
+        "explain", fast_run, *files, "--index", "0", "7", "--data-dir", real_data_dir, "--out", tmp_path, "--json"
+    )
+    figures = json.loads(result.stdout)["figures"]
+    assert len(figures) == len(files) + 2
+    for path in figures:
+        with Image.open(path) as image:
+            assert image.size[0] >= 600
+    bad = run_cli("explain", fast_run, "--index", "99999", "--data-dir", real_data_dir, "--out", tmp_path, check=False)
+    assert bad.returncode == 1 and "outside the test split" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def report_file(fast_run, real_data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "report.html"
+    run_cli("report", fast_run, "--data-dir", real_data_dir, "--out", out)
+    return out
+
+
+def test_report_sections_and_numbers_match_evaluate(report_file, fast_run, real_data_dir):
+    page = report_file.read_text()
+    for anchor in (
+        "provenance",
+        "metrics",
+        "per-class",
+        "confusion",
+        "roc",
+        "calibration",
+        "learning-curves",
+        "mistakes",
+        "unsure",
+        "gradcam",
+    ):
+        assert f'id="{anchor}"' in page, anchor
+    evaluated = json.loads(run_cli("evaluate", fast_run, "--data-dir", real_data_dir, "--json").stdout)
+    assert f"<td>accuracy</td><td>{evaluated['accuracy']:.4f}</td>" in page
+    assert f"{evaluated['auc_macro_ovr']:.4f}" in page and "7053d0359d879ad8a5505303e11de1dc" in page
+    assert len(re.findall(r'src="data:image/png;base64,', page)) >= 8
+    assert report_file.stat().st_size < 5_000_000
+
+
+def test_report_renders_in_a_real_browser(report_file, tmp_path):
+    if CHROMIUM is None:
+        pytest.fail("chromium is not installed (.ci/run installs Debian's chromium)")
+    shot = tmp_path / "shot.png"
+    flags = [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    subprocess.run(
+        [CHROMIUM, *flags, "--window-size=1200,2400", f"--screenshot={shot}", report_file.as_uri()],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    dom = subprocess.run(
+        [CHROMIUM, *flags, "--dump-dom", report_file.as_uri()], check=True, capture_output=True, text=True, timeout=120
+    ).stdout
+    assert re.search(r'data-broken-images="0"', dom), "some images did not decode"
+    assert int(re.search(r'data-images="(\d+)"', dom).group(1)) >= 8
+    assert "Test metrics" in dom and "Grad-CAM, two per class" in dom
+    with Image.open(shot) as image:
+        assert image.size == (1200, 2400)
+        assert len(set(image.convert("L").resize((60, 120)).getdata())) > 20  # not a blank page
+
+
+def test_report_for_a_study_folder(real_data_dir, tmp_path):
+    study = tmp_path / "study"
+    run_cli(
+        "reproduce", "--data-dir", real_data_dir, "--out", study, "--folds", "2", "--epochs", "1", "--subset", "600"
+    )
+    run_cli("report", study)
+    page = (study / "report.html").read_text()
+    assert 'id="comparison"' in page and "0.914" in page and "seed-cnn (published)" in page
