@@ -36,13 +36,13 @@ class TrainConfig:
     model: str = "res-medium"
     model_args: dict = field(default_factory=dict)
     epochs: int = 16
-    batch_size: int = 128
-    lr: float = 4e-3
+    batch_size: int = 256
+    lr: float = 6e-3
     optimizer: str = "adamw"  # adamw | adam | sgd
     weight_decay: float = 0.05
     schedule: str = "onecycle"  # onecycle | constant
     label_smoothing: float = 0.1
-    augment: AugmentConfig = AugmentConfig()
+    augment: AugmentConfig = AugmentConfig(sharpness=1.0)
     ema_decay: float = 0.0  # 0 disables the weight EMA
     normalize: str = "dataset"  # dataset: train-split channel stats; study: mean 0.5 / std 0.5
     patience: int | None = None  # early stopping on validation loss (restores the best epoch)
@@ -61,7 +61,7 @@ class TrainConfig:
 
 PRESETS: dict[str, TrainConfig] = {
     "default": TrainConfig(),
-    "fast": TrainConfig(model="res-small", epochs=8, batch_size=256, lr=6e-3),
+    "fast": TrainConfig(model="res-small", epochs=8, augment=AugmentConfig()),
     "study": TrainConfig(
         model="seed-cnn",
         epochs=5,
