@@ -61,13 +61,13 @@ def real_subset_file(real_data_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def fast_run(real_data_dir, tmp_path_factory) -> Path:
-    """A properly trained model (the `fast` preset on the full real data, ~1.5 min), shared by tests."""
+def default_run(real_data_dir, tmp_path_factory) -> Path:
+    """The recommended model, trained as `bloodcell train` does (full real data, ~3.5 min); shared."""
     from bloodcell.pipeline import train_run
     from bloodcell.train import PRESETS
 
-    run_dir = tmp_path_factory.mktemp("fast") / "run"
-    train_run(data.load(real_data_dir), run_dir, PRESETS["fast"], progress=False)
+    run_dir = tmp_path_factory.mktemp("default") / "run"
+    train_run(data.load(real_data_dir), run_dir, PRESETS["default"], progress=False)
     return run_dir
 
 

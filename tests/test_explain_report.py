@@ -69,28 +69,30 @@ def test_gradcam_works_for_every_conv_model(name):
     assert 0 <= cam.probability <= 1
 
 
-def test_explain_on_files_and_dataset_indices(fast_run, pbc_sample, real_data_dir, tmp_path):
+def test_explain_on_files_and_dataset_indices(default_run, pbc_sample, real_data_dir, tmp_path):
     files = [str(r["path"]) for r in pbc_sample[::100]]
     result = run_cli(
-        "explain", fast_run, *files, "--index", "0", "7", "--data-dir", real_data_dir, "--out", tmp_path, "--json"
+        "explain", default_run, *files, "--index", "0", "7", "--data-dir", real_data_dir, "--out", tmp_path, "--json"
     )
     figures = json.loads(result.stdout)["figures"]
     assert len(figures) == len(files) + 2
     for path in figures:
         with Image.open(path) as image:
             assert image.size[0] >= 600
-    bad = run_cli("explain", fast_run, "--index", "99999", "--data-dir", real_data_dir, "--out", tmp_path, check=False)
+    bad = run_cli(
+        "explain", default_run, "--index", "99999", "--data-dir", real_data_dir, "--out", tmp_path, check=False
+    )
     assert bad.returncode == 1 and "outside the test split" in bad.stderr
 
 
 @pytest.fixture(scope="module")
-def report_file(fast_run, real_data_dir, tmp_path_factory):
+def report_file(default_run, real_data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "report.html"
-    run_cli("report", fast_run, "--data-dir", real_data_dir, "--out", out)
+    run_cli("report", default_run, "--data-dir", real_data_dir, "--out", out)
     return out
 
 
-def test_report_sections_and_numbers_match_evaluate(report_file, fast_run, real_data_dir):
+def test_report_sections_and_numbers_match_evaluate(report_file, default_run, real_data_dir):
     page = report_file.read_text()
     for anchor in (
         "provenance",
@@ -105,7 +107,7 @@ def test_report_sections_and_numbers_match_evaluate(report_file, fast_run, real_
         "gradcam",
     ):
         assert f'id="{anchor}"' in page, anchor
-    evaluated = json.loads(run_cli("evaluate", fast_run, "--data-dir", real_data_dir, "--json").stdout)
+    evaluated = json.loads(run_cli("evaluate", default_run, "--data-dir", real_data_dir, "--json").stdout)
     assert f"<td>accuracy</td><td>{evaluated['accuracy']:.4f}</td>" in page
     assert f"{evaluated['auc_macro_ovr']:.4f}" in page and "7053d0359d879ad8a5505303e11de1dc" in page
     assert len(re.findall(r'src="data:image/png;base64,', page)) >= 8

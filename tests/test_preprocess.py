@@ -8,17 +8,25 @@ from PIL import Image
 
 from bloodcell import data, preprocess
 
-ACHIEVED_MEAN_RMS = 9.8  # measured 9.76 grey levels on the 400-image sample (PIL bilinear, 200/360 crop)
+# Mean per-image RMS (grey levels) to the BloodMNIST twins, as measured by
+# benchmarks/fit_medmnist_filter.py: plain 9.76; with the fitted filter 6.35 on the half it was
+# fitted on and 6.41 on the held-out half.
+ACHIEVED_PLAIN_RMS = 9.8
+ACHIEVED_FILTERED_RMS = 6.45
 
 
 def test_preprocessing_reproduces_bloodmnist_pixels(pbc_sample, real_dataset):
-    ours = np.stack([preprocess.load_file(r["path"]) for r in pbc_sample]).astype(float)
     index = [int(r["bloodmnist_index"]) for r in pbc_sample]
     twins = real_dataset.train.images[index].permute(0, 2, 3, 1).numpy().astype(float)
+    plain = np.stack([preprocess.load_file(r["path"], emulate=False) for r in pbc_sample]).astype(float)
+    ours = np.stack([preprocess.load_file(r["path"]) for r in pbc_sample]).astype(float)
+    rms_plain = np.sqrt(((plain - twins) ** 2).mean(axis=(1, 2, 3)))
     rms = np.sqrt(((ours - twins) ** 2).mean(axis=(1, 2, 3)))
-    assert len(rms) == 400 and rms.mean() < ACHIEVED_MEAN_RMS
+    assert len(rms) == 400 and rms_plain.mean() < ACHIEVED_PLAIN_RMS
+    assert rms[1::2].mean() < ACHIEVED_FILTERED_RMS  # the held-out half (the filter was fitted on rows 0, 2, ...)
+    assert rms.mean() < ACHIEVED_FILTERED_RMS
     no_crop = np.stack([preprocess.load_file(r["path"], crop=preprocess.Crop.parse("none")) for r in pbc_sample[:40]])
-    assert np.sqrt(((no_crop - twins[:40]) ** 2).mean()) > 3 * rms[:40].mean()  # the crop matters
+    assert np.sqrt(((no_crop - twins[:40]) ** 2).mean()) > 3 * rms_plain[:40].mean()  # the crop matters
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "I;16", "CMYK", "RGB"])

@@ -1,17 +1,21 @@
 """Real image files -> model input, the way MedMNIST made BloodMNIST from the PBC images.
 
-MedMNIST centre-cropped the 360x363 PBC images to 200x200 and resized them to 28x28. Measured
-on the 400-image PBC sample (see tests/test_preprocess.py), a centre crop of 200/360 of the short
-side followed by PIL's bilinear (antialiased) resize is the closest of the pipelines we tried
-(nearest, bilinear, bicubic, Lanczos, box, Hamming; OpenCV's resizers; Gaussian pre-blur;
-two-step resizes; crop offsets and sizes 190-363 px). The remaining ~10 grey levels RMS are
-not a colour bias; BloodMNIST's pixels show slightly crisper edges than any of those filters.
+MedMNIST centre-cropped the 360x363 PBC images to 200x200 and resized them to 28x28 with an
+undocumented filter. Measured on the 400-image PBC sample: a centre crop of 200/360 of the short
+side plus PIL's bilinear (antialiased) resize is the closest plain pipeline (9.76 grey levels
+mean RMS; nearest, bicubic, Lanczos, box, Hamming, OpenCV's resizers, Gaussian pre-blur, JPEG
+draft decoding, two-step resizes, crop offsets and sizes 190-363 px were all worse). The rest is
+mostly linear: BloodMNIST pixels are crisper, with slightly mixed colours. A 5x5 colour filter
+fitted by least squares on half of the sample (`medmnist_filter.json`, made by
+`benchmarks/fit_medmnist_filter.py`) brings the other half to ~6.4 RMS, and is applied at 28 px.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MEDMNIST_CROP = 200 / 360  # crop side / short side of the PBC images
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 MAX_PIXELS = 50_000_000  # larger files are refused as possible decompression bombs
+FILTER_FILE = Path(__file__).with_name("medmnist_filter.json")
 
 
 class ImageError(Exception):
@@ -69,14 +74,54 @@ def centre_crop(image: Image.Image, crop: Crop) -> Image.Image:
     return image.crop((left, top, left + side, top + side))
 
 
-def prepare(image: Image.Image, size: int = 28, crop: Crop = Crop(MEDMNIST_CROP)) -> np.ndarray:
-    """A PIL image -> uint8 (size, size, 3), cropped and resized the MedMNIST way."""
+def _neighbourhoods(images: np.ndarray, radius: int) -> np.ndarray:
+    """(N, H, W, 3) -> (N*H*W, 3*(2r+1)^2 + 1): each pixel's colour neighbourhood plus a bias term."""
+    n, h, w, _ = images.shape
+    padded = np.pad(images.astype(np.float32), ((0, 0), (radius, radius), (radius, radius), (0, 0)), mode="edge")
+    side = 2 * radius + 1
+    columns = [padded[:, dy : dy + h, dx : dx + w, :] for dy in range(side) for dx in range(side)]
+    columns.append(np.ones((n, h, w, 1), np.float32))
+    return np.concatenate(columns, axis=3).reshape(n * h * w, -1)
+
+
+def fit_medmnist_filter(ours: np.ndarray, twins: np.ndarray, radius: int = 2) -> np.ndarray:
+    """Least-squares colour filter mapping our resized images onto their BloodMNIST twins."""
+    weights, *_ = np.linalg.lstsq(_neighbourhoods(ours, radius), twins.reshape(-1, 3).astype(np.float32), rcond=None)
+    return weights
+
+
+def apply_medmnist_filter(images: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Apply a fitted filter to uint8 (N, H, W, 3) or (H, W, 3) images."""
+    single = images.ndim == 3
+    batch = images[None] if single else images
+    radius = (int(round(((weights.shape[0] - 1) / 3) ** 0.5)) - 1) // 2
+    out = (_neighbourhoods(batch, radius) @ weights).reshape(batch.shape).clip(0, 255).round().astype(np.uint8)
+    return out[0] if single else out
+
+
+@cache
+def medmnist_filter() -> np.ndarray | None:
+    """The shipped 28 px filter weights, or None if the file is absent."""
+    if not FILTER_FILE.is_file():
+        return None
+    return np.asarray(json.loads(FILTER_FILE.read_text())["weights"], dtype=np.float32)
+
+
+def prepare(image: Image.Image, size: int = 28, crop: Crop = Crop(MEDMNIST_CROP), emulate: bool = True) -> np.ndarray:
+    """A PIL image -> uint8 (size, size, 3), cropped and resized the MedMNIST way.
+
+    `emulate` applies the fitted MedMNIST filter (28 px, MedMNIST crop only, where it was fitted).
+    """
     image = ImageOps.exif_transpose(image)
     square = centre_crop(to_rgb(image), crop)
-    return np.asarray(square.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    resized = np.asarray(square.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    weights = medmnist_filter()
+    if emulate and size == 28 and crop.fraction == MEDMNIST_CROP and weights is not None:
+        return apply_medmnist_filter(resized, weights)
+    return resized
 
 
-def load_file(path: str | Path, size: int = 28, crop: Crop = Crop(MEDMNIST_CROP)) -> np.ndarray:
+def load_file(path: str | Path, size: int = 28, crop: Crop = Crop(MEDMNIST_CROP), emulate: bool = True) -> np.ndarray:
     """Read and prepare one file; every failure is an ImageError with a short reason."""
     path = Path(path)
     try:
@@ -88,7 +133,7 @@ def load_file(path: str | Path, size: int = 28, crop: Crop = Crop(MEDMNIST_CROP)
                 if image.width * image.height > MAX_PIXELS:
                     raise ImageError(f"image too large ({image.width}x{image.height}), possible decompression bomb")
                 image.load()
-                return prepare(image, size, crop)
+                return prepare(image, size, crop, emulate)
     except ImageError:
         raise
     except FileNotFoundError:
