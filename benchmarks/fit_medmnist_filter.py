@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-from pathlib import Path
 
 import numpy as np
 
