@@ -35,7 +35,7 @@ class TrainConfig:
 
     model: str = "res-medium"
     model_args: dict = field(default_factory=dict)
-    epochs: int = 16
+    epochs: int = 30
     batch_size: int = 256
     lr: float = 6e-3
     optimizer: str = "adamw"  # adamw | adam | sgd
