@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import bloodcell
+from bloodcell import data
 from bloodcell.predict import differential
 from tests.cli import run_cli
 
@@ -80,16 +81,7 @@ def test_predict_folder_prints_differential(default_run, pbc_sample):
 
 
 def test_differential_arithmetic():
-    classes = [
-        "basophil",
-        "eosinophil",
-        "erythroblast",
-        "immature granulocyte",
-        "lymphocyte",
-        "monocyte",
-        "neutrophil",
-        "platelet",
-    ]
+    classes = list(data.CLASSES)
     labels = ["neutrophil"] * 6 + ["lymphocyte"] * 3 + ["monocyte"] + ["erythroblast"] * 2 + ["platelet"] * 5
     records = [{"class": c, "review": i == 0, "error": None} for i, c in enumerate(labels)]
     records.append({"class": None, "review": False, "error": "empty file"})
