@@ -15,7 +15,7 @@ from bloodcell.train import PRESETS, with_overrides
 from tests.cli import run_cli
 from tests.conftest import write_synthetic_npz
 
-QUICK = ["--preset", "fast", "--epochs", "2"]
+QUICK = ["--preset", "fast", "--epochs", "2"]  # two epochs: a check of the machinery, not of accuracy
 
 
 @pytest.fixture(scope="module")

@@ -61,7 +61,7 @@ class TrainConfig:
 
 PRESETS: dict[str, TrainConfig] = {
     "default": TrainConfig(),
-    "fast": TrainConfig(model="res-small", epochs=8, augment=AugmentConfig()),
+    "fast": TrainConfig(model="res-small", epochs=15, augment=AugmentConfig()),
     "study": TrainConfig(
         model="seed-cnn",
         epochs=5,
