@@ -1,0 +1,64 @@
+"""Recipe exploration, scored on the validation split only (the test split is never read here).
+
+    python benchmarks/recipes.py --data-dir ../shared/data VARIANT [VARIANT ...]
+
+Prints one JSON line per variant: training seconds, val accuracy without and with 8-view TTA,
+and the val accuracy after every epoch. The variants are the rows of the README's table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from bloodcell import data
+from bloodcell.augment import AugmentConfig
+from bloodcell.train import TrainConfig, build_model, fit, predict_logits
+
+BASE = TrainConfig(augment=AugmentConfig())  # the default recipe without blur/sharpen, 30 epochs
+VARIANTS: dict[str, TrainConfig] = {
+    "small-8": TrainConfig(model="res-small", epochs=8, augment=AugmentConfig()),
+    "medium-16-bs128": TrainConfig(epochs=16, batch_size=128, lr=4e-3, augment=AugmentConfig()),
+    "medium-16": TrainConfig(epochs=16, augment=AugmentConfig()),
+    "medium-16-sharp1": TrainConfig(epochs=16, augment=AugmentConfig(sharpness=1.0)),
+    "medium-30-sharp1": TrainConfig(augment=AugmentConfig(sharpness=1.0)),
+    "small-8-sharp1": TrainConfig(model="res-small", epochs=8, augment=AugmentConfig(sharpness=1.0)),
+    "small-8-sharp2": TrainConfig(model="res-small", epochs=8, augment=AugmentConfig(sharpness=2.0)),
+    "small-8-ema": TrainConfig(model="res-small", epochs=8, augment=AugmentConfig(), ema_decay=0.99),
+    "medium-16-colour": TrainConfig(epochs=16, augment=AugmentConfig(colour=0.1)),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir")
+    parser.add_argument("variants", nargs="+", choices=list(VARIANTS))
+    args = parser.parse_args()
+    dataset = data.load(args.data_dir)
+    for name in args.variants:
+        config = VARIANTS[name]
+        start = time.perf_counter()
+        result = fit(build_model(config, 28), dataset.train, dataset.val, config, progress=False)
+        seconds = time.perf_counter() - start
+        scores = {}
+        for tta in (False, True):
+            logits = predict_logits(result.model, dataset.val.images, result.mean, result.std, tta=tta)
+            scores[tta] = (logits.argmax(1) == dataset.val.labels).float().mean().item()
+        curve = [round(row["val_acc"], 4) for row in result.history]
+        print(
+            json.dumps(
+                {
+                    "variant": name,
+                    "seconds": round(seconds, 1),
+                    "val": round(scores[False], 4),
+                    "val_tta": round(scores[True], 4),
+                    "curve": curve,
+                }
+            ),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
