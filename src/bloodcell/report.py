@@ -123,7 +123,7 @@ def run_report(run_dir: Path, dataset: Dataset, out: Path, gallery_size: int = 1
                 explanation = explain.explain_image(classifier, images_hwc[i])
                 cams.append(overlay(images_hwc[i], explanation.heatmap))
                 captions.append(f"#{i} {name}\npred {CLASSES[explanation.predicted_index]}")
-        figures["gradcam"] = plots.gallery(cams, captions, tmp / "gradcam.png", n_cols=8)
+        figures["gradcam"] = plots.gallery(cams, captions, tmp / "gradcam.png", n_cols=4)
 
         low, high = result["accuracy_ci95"]
         headline = [
@@ -152,7 +152,9 @@ def run_report(run_dir: Path, dataset: Dataset, out: Path, gallery_size: int = 1
         ]
         sections = [
             _section(
-                "provenance", "Run and data", _table(["", ""], provenance) + _table(["setting", "value"], config_rows)
+                "provenance",
+                "Run and data",
+                _table(["item", "value"], provenance) + _table(["setting", "value"], config_rows),
             ),
             _section(
                 "metrics",
