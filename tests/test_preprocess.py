@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from bloodcell import data, preprocess
+from bloodcell.errors import BloodcellError
 
 # Mean per-image RMS (grey levels) to the BloodMNIST twins, as measured by
 # benchmarks/fit_medmnist_filter.py: plain 9.76; with the fitted filter 6.35 on the half it was
@@ -45,7 +46,7 @@ def test_crop_geometry():
     assert preprocess.centre_crop(image, preprocess.Crop.parse("medmnist")).size == (200, 200)
     assert preprocess.centre_crop(image, preprocess.Crop.parse("none")).size == (360, 360)
     assert preprocess.centre_crop(image, preprocess.Crop.parse("0.5")).size == (180, 180)
-    with pytest.raises(ValueError, match="crop"):
+    with pytest.raises(BloodcellError, match="--crop"):
         preprocess.Crop.parse("sideways")
 
 

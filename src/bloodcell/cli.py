@@ -201,19 +201,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from bloodcell.runs import write_csv
 
     classifier = Classifier.from_run(args.run_dir)
-    try:
-        records = classifier.predict_files(
-            args.paths,
-            crop=args.crop,
-            tta=args.tta,
-            top_k=args.top_k,
-            min_confidence=args.min_confidence,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            progress=not args.json,
-        )
-    except ValueError as exc:
-        raise BloodcellError(str(exc)) from None
+    records = classifier.predict_files(
+        args.paths,
+        crop=args.crop,
+        tta=args.tta,
+        top_k=args.top_k,
+        min_confidence=args.min_confidence,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        progress=not args.json,
+    )
     if not records:
         raise BloodcellError(f"no image files found in {' '.join(args.paths)}")
     summary = differential(records, classifier.classes)

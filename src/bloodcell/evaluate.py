@@ -13,11 +13,17 @@ from bloodcell.predict import Classifier
 
 
 def evaluate(
-    classifier: Classifier, split: Split, tta: bool = False, figures_dir: Path | None = None, name: str = "test"
+    classifier: Classifier,
+    split: Split,
+    tta: bool = False,
+    figures_dir: Path | None = None,
+    name: str = "test",
+    logits: torch.Tensor | None = None,
 ) -> dict:
     """Headline metrics (calibrated and raw), per-class table, accuracy CI; optional PNGs."""
     labels = split.labels.numpy()
-    logits = classifier.logits(split.images, tta=tta)
+    if logits is None:  # callers that already have them (the report) pass them in
+        logits = classifier.logits(split.images, tta=tta)
     raw = torch.softmax(logits, 1).numpy()
     calibrated = torch.softmax(logits / classifier.temperature, 1).numpy()
     preds = calibrated.argmax(1)

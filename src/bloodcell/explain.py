@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 
 from bloodcell import plots, preprocess
@@ -92,11 +92,12 @@ def explain_file(
     """Explain a full-size image file; the overlay is drawn on the cropped original at full resolution."""
     crop_spec = preprocess.Crop.parse(crop)
     try:
-        model_input = preprocess.load_file(path, classifier.image_size, crop_spec)
-        with Image.open(path) as image:
-            shown = np.asarray(preprocess.centre_crop(preprocess.to_rgb(image), crop_spec))
-    except preprocess.ImageError as exc:
-        raise BloodcellError(f"{path}: {exc}") from None
+        with Image.open(path) as image:  # decoded once: the model input and the picture shown
+            oriented = ImageOps.exif_transpose(image)
+            model_input = preprocess.prepare(oriented, classifier.image_size, crop_spec)
+            shown = np.asarray(preprocess.centre_crop(preprocess.to_rgb(oriented), crop_spec))
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BloodcellError(f"{path}: cannot read image ({exc})") from None
     explanation = explain_image(classifier, model_input, class_name)
     return render(classifier, explanation, shown, Path(out_dir) / f"{Path(path).stem}_gradcam.png", str(path))
 

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from bloodcell.errors import BloodcellError
+
 MEDMNIST_CROP = 200 / 360  # crop side / short side of the PBC images
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 MAX_PIXELS = 50_000_000  # larger files are refused as possible decompression bombs
@@ -47,9 +49,9 @@ class Crop:
         try:
             fraction = float(spec)
         except ValueError:
-            raise ValueError(f"crop must be 'medmnist', 'none' or a fraction in (0, 1], got {spec!r}") from None
+            raise BloodcellError(f"--crop must be 'medmnist', 'none' or a fraction in (0, 1], got {spec!r}") from None
         if not 0 < fraction <= 1:
-            raise ValueError(f"crop fraction must be in (0, 1], got {fraction}")
+            raise BloodcellError(f"--crop fraction must be in (0, 1], got {fraction}")
         return cls(fraction)
 
 

@@ -82,15 +82,16 @@ def run_report(run_dir: Path, dataset: Dataset, out: Path, gallery_size: int = 1
     classifier = Classifier.from_run(run_dir)
     meta = classifier.meta
     test = dataset.test
-    result = evaluate(classifier, test)
-    probs = classifier.predict_proba(test.images).numpy()
+    logits = classifier.logits(test.images)
+    result = evaluate(classifier, test, logits=logits)
+    probs = torch.softmax(logits / classifier.temperature, 1).numpy()
     labels, preds = test.labels.numpy(), probs.argmax(1)
     confidence = probs.max(1)
     images_hwc = test.images.permute(0, 2, 3, 1).numpy()
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        raw = torch.softmax(classifier.logits(test.images), 1).numpy()
+        raw = torch.softmax(logits, 1).numpy()
         figures = {
             "confusion": plots.confusion_matrix(np.array(result["confusion_matrix"]), tmp / "cm.png", "test split"),
             "roc": plots.roc_curves(labels, probs, tmp / "roc.png"),
