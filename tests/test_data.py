@@ -77,8 +77,15 @@ def test_truncated_and_non_npz_files(tmp_path):
 
 
 def test_wrong_md5_is_refused(tmp_path):
-    write_synthetic_npz(tmp_path / "bloodmnist.npz")
+    sizes = tuple(data.OFFICIAL_SPLIT_SIZES[s] for s in data.SPLITS)  # right shape, wrong bytes
+    write_synthetic_npz(tmp_path / "bloodmnist.npz", n=sizes)
     with pytest.raises(BloodcellError, match="does not match the official 7053d0"):
+        data.load(tmp_path)
+
+
+def test_official_name_with_wrong_split_sizes_is_refused(tmp_path):
+    write_synthetic_npz(tmp_path / "bloodmnist.npz")
+    with pytest.raises(BloodcellError, match="train has 64 images, expected 11959"):
         data.load(tmp_path)
 
 

@@ -147,7 +147,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 @command("train")
 def cmd_train(args: argparse.Namespace) -> int:
-    from bloodcell.pipeline import train_run
+    from bloodcell.pipeline import headline, train_run
     from bloodcell.train import PRESETS, with_overrides
 
     config = with_overrides(
@@ -160,17 +160,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     metrics = train_run(_load_dataset(args), Path(args.out), config, resume=args.resume, overwrite=args.overwrite)
     if args.json:
-        emit_json({"run_dir": args.out, **{k: _headline(v) for k, v in metrics.items()}})
+        emit_json({"run_dir": args.out, **{k: headline(v) for k, v in metrics.items()}})
         return 0
     for split in ("val", "test", "test_tta"):
         m = metrics[split]
         print(f"{split:<9} accuracy {m['accuracy']:.4f}  macro AUC {m['auc_macro_ovr']:.4f}  ECE {m['ece']:.4f}")
     print(f"wrote run to {args.out}")
     return 0
-
-
-def _headline(values: dict) -> dict:
-    return {k: v for k, v in values.items() if not isinstance(v, list)}
 
 
 @command("evaluate")

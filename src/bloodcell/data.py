@@ -197,6 +197,10 @@ def load_npz(path: str | os.PathLike, size: int | None = None, expected_md5: str
     sizes = {s.images.shape[2] for s in splits.values()}
     if len(sizes) != 1:
         raise BloodcellError(f"{path}: splits have different image sizes {sorted(sizes)}")
+    if expected_md5 is not None:  # an official file name: its split sizes are known
+        for name, split in splits.items():
+            if len(split) != OFFICIAL_SPLIT_SIZES[name]:
+                raise BloodcellError(f"{path}: {name} has {len(split)} images, expected {OFFICIAL_SPLIT_SIZES[name]}")
     md5 = md5_of(path)
     if expected_md5 is not None and md5 != expected_md5:
         raise BloodcellError(
@@ -204,10 +208,6 @@ def load_npz(path: str | os.PathLike, size: int | None = None, expected_md5: str
             "delete it to download a fresh copy, or use --data-file for your own file"
         )
     official = any(f.md5 == md5 for f in OFFICIAL_FILES.values())
-    if official:
-        for name, split in splits.items():
-            if len(split) != OFFICIAL_SPLIT_SIZES[name]:  # cannot happen unless MD5s collide
-                raise BloodcellError(f"{path}: {name} has {len(split)} images, expected {OFFICIAL_SPLIT_SIZES[name]}")
     return Dataset(path, md5, official, sizes.pop(), **splits)
 
 

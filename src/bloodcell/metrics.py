@@ -43,18 +43,23 @@ def per_class(labels: np.ndarray, preds: np.ndarray) -> list[dict]:
     ]
 
 
-def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
-    """ECE with equal-width confidence bins: sum over bins of |accuracy - confidence| x bin weight."""
+def calibration_bins(
+    labels: np.ndarray, probs: np.ndarray, bins: int = 15
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width confidence bin: accuracy, mean confidence (NaN when empty) and share of images."""
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == labels
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        in_bin = which == b
-        if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(ece)
+    which = np.clip(np.digitize(confidence, np.linspace(0, 1, bins + 1)[1:-1], right=True), 0, bins - 1)
+    share = np.bincount(which, minlength=bins) / len(labels)
+    accuracy = np.array([correct[which == b].mean() if share[b] else np.nan for b in range(bins)])
+    mean_confidence = np.array([confidence[which == b].mean() if share[b] else np.nan for b in range(bins)])
+    return accuracy, mean_confidence, share
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
+    """ECE: sum over confidence bins of |accuracy - confidence| x share of images in the bin."""
+    accuracy, confidence, share = calibration_bins(labels, probs, bins)
+    return float(np.nansum(share * np.abs(accuracy - confidence)))
 
 
 def bootstrap_accuracy_ci(

@@ -5,8 +5,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 from bloodcell import __version__, plots, runs
 from bloodcell.calibrate import fit_temperature
 from bloodcell.data import CLASSES, Dataset
@@ -62,19 +60,16 @@ def train_run(
         "train_seconds": result.seconds,
     }
     classifier = Classifier(result.model, meta)
-    meta["temperature"] = fit_temperature(classifier.logits(dataset.val.images), dataset.val.labels)
-    val = evaluate(classifier, dataset.val)
+    val_logits = classifier.logits(dataset.val.images)
+    meta["temperature"] = fit_temperature(val_logits, dataset.val.labels)
+    val = evaluate(classifier, dataset.val, logits=val_logits)
     test = evaluate(classifier, dataset.test, figures_dir=run_dir)  # the one look at test
     test_tta = evaluate(classifier, dataset.test, tta=True)
     metrics = {"val": val, "test": test, "test_tta": test_tta}
-    meta["metrics"] = {split: _headline(values) for split, values in metrics.items()}
+    meta["metrics"] = {split: headline(values) for split, values in metrics.items()}
 
     runs.write_csv(run_dir / runs.HISTORY, result.history)
-    curves = {
-        key: np.array([[row[key] for row in result.history]])
-        for key in ("train_loss", "train_acc", "val_loss", "val_acc")
-    }
-    plots.learning_curves(curves, run_dir / "learning_curves.png", title=config.model)
+    plots.history_curves(result.history, run_dir / "learning_curves.png", title=config.model)
     runs.write_json(run_dir / runs.METRICS, metrics)
     runs.save_tensors(run_dir / runs.MODEL_WEIGHTS, result.model.state_dict())
     runs.write_json(run_dir / runs.MODEL_META, meta)  # written last: its presence marks a finished run
@@ -82,6 +77,7 @@ def train_run(
     return metrics
 
 
-def _headline(values: dict) -> dict:
+def headline(values: dict) -> dict:
+    """The few numbers worth keeping in model.json and printing."""
     keys = ("accuracy", "balanced_accuracy", "auc_macro_ovr", "f1_macro", "nll", "ece")
     return {k: values[k] for k in keys if k in values}

@@ -139,6 +139,12 @@ def learning_curves(curves: Mapping[str, np.ndarray], path: Path, title: str = "
     return _save(fig, path)
 
 
+def history_curves(history: Sequence[Mapping], path: Path, title: str = "") -> Path:
+    """Learning curves of one run from its per-epoch rows (fit's history or history.csv)."""
+    keys = ("train_loss", "train_acc", "val_loss", "val_acc")
+    return learning_curves({k: np.array([[float(row[k]) for row in history]]) for k in keys}, path, title)
+
+
 def table(rows: Sequence[Sequence[str]], header: Sequence[str], path: Path, title: str = "") -> Path:
     """A results table as an image, for slides and reports."""
     fig, ax = plt.subplots(figsize=(max(6, 2.3 * len(header)), 0.45 * (len(rows) + 2)))
@@ -158,16 +164,13 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str], path: Path, titl
 
 def reliability(labels: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, path: Path, bins: int = 15) -> Path:
     """Reliability diagram: accuracy vs confidence per bin, before and after temperature scaling."""
-    from bloodcell.metrics import expected_calibration_error
+    from bloodcell.metrics import calibration_bins, expected_calibration_error
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), sharey=True)
     edges = np.linspace(0, 1, bins + 1)
     centres = (edges[:-1] + edges[1:]) / 2
     for ax, probs, name in ((axes[0], raw, "before calibration"), (axes[1], calibrated, "after calibration")):
-        confidence, correct = probs.max(1), probs.argmax(1) == labels
-        which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-        accuracy = np.array([correct[which == b].mean() if (which == b).any() else np.nan for b in range(bins)])
-        share = np.bincount(which, minlength=bins) / len(labels)
+        accuracy, _, share = calibration_bins(labels, probs, bins)
         ax.bar(centres, accuracy, width=1 / bins, edgecolor="black", color="#4C72B0", alpha=0.8, label="accuracy")
         ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
         ax.bar(centres, share, width=1 / bins, color="#DD8452", alpha=0.6, label="share of images")

@@ -99,11 +99,7 @@ def run_report(run_dir: Path, dataset: Dataset, out: Path, gallery_size: int = 1
         }
         if (run_dir / runs.HISTORY).is_file():
             history = runs.read_csv(run_dir / runs.HISTORY)
-            curves = {
-                k: np.array([[float(r[k]) for r in history]])
-                for k in ("train_loss", "train_acc", "val_loss", "val_acc")
-            }
-            figures["curves"] = plots.learning_curves(curves, tmp / "curves.png", title=meta["arch"])
+            figures["curves"] = plots.history_curves(history, tmp / "curves.png", title=meta["arch"])
         wrong = np.flatnonzero(preds != labels)
         wrong = wrong[np.argsort(-confidence[wrong])][:gallery_size]
         right = np.flatnonzero(preds == labels)

@@ -233,10 +233,6 @@ def load_checkpoint(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, runs.load_tensors(folder / meta["tensors"])
 
 
-def _scheduler_state_for_load(state: dict) -> dict:
-    return {k: v for k, v in state.items() if not callable(v)}
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -280,7 +276,7 @@ def fit(
             raise BloodcellError(f"{checkpoint_dir}: checkpoint was made with a different training config")
         model.load_state_dict(_strip("model", tensors))
         optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
-        scheduler.load_state_dict(_scheduler_state_for_load(meta["scheduler"]))
+        scheduler.load_state_dict(meta["scheduler"])
         if ema is not None:
             ema.load_state_dict(_strip("ema", tensors))
         generator.set_state(tensors["rng.generator"])
