@@ -18,22 +18,31 @@ def test_reproduce_writes_every_output(real_data_dir, tmp_path):
         "reproduce", "--data-dir", real_data_dir, "--out", out, "--folds", "2", "--epochs", "1", "--subset", "1200"
     )
     assert "baseline (published)" in result.stdout and "0.914" in result.stdout
+    assert "seed-cnn (study)" in result.stdout and "seed-cnn (independent)" in result.stdout
     summary = json.loads((out / "results.json").read_text())
     for model in ("baseline", "seed-cnn"):
-        acc = summary["models"][model]["accuracy"]
-        assert len(acc["folds"]) == 2 and 0 <= acc["std"] and abs(acc["mean"] - sum(acc["folds"]) / 2) < 1e-9
-        assert set(summary["models"][model]) >= {"f1_weighted", "balanced_accuracy", "auc_macro_ovr"}
-        for name in (f"learning_curves_{model}.png", f"confusion_{model}.png"):
-            with Image.open(out / name) as image:
-                assert image.size[0] > 500
+        for protocol in ("study", "independent"):
+            scores = summary["models"][model][protocol]
+            acc = scores["accuracy"]
+            assert len(acc["folds"]) == 2 and 0 <= acc["std"] and abs(acc["mean"] - sum(acc["folds"]) / 2) < 1e-9
+            assert set(scores) >= {"f1_weighted", "balanced_accuracy", "auc_macro_ovr"}
+            for name in (f"learning_curves_{model}_{protocol}.png", f"confusion_{model}_{protocol}.png"):
+                with Image.open(out / name) as image:
+                    assert image.size[0] > 500
+        # fold 1 is the same run in both protocols; fold 2 differs (carried model vs fresh one)
+        study, independent = (summary["models"][model][p]["accuracy"]["folds"] for p in ("study", "independent"))
+        assert study[0] == independent[0] and study[1] != independent[1]
     # even one epoch on 1,200 images must beat chance (1/8) clearly: the pipeline learns
-    assert summary["models"]["seed-cnn"]["accuracy"]["mean"] > 0.3
+    assert summary["models"]["seed-cnn"]["independent"]["accuracy"]["mean"] > 0.3
     assert summary["test_images"] == 300
     assert "| accuracy |" in (out / "results.md").read_text()
     Image.open(out / "results.png").verify()
     with open(out / "fold_curves.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2 * 2 * 1 and {"train_loss", "val_acc", "fold", "model"} <= set(rows[0])
+    assert len(rows) == 2 * 2 * 2 * 1 and {"train_loss", "val_acc", "fold", "model", "protocol"} <= set(rows[0])
+    # the carried model starts fold 2 already trained: its first-epoch training loss is lower
+    fold2 = {r["protocol"]: float(r["train_loss"]) for r in rows if r["model"] == "seed-cnn" and r["fold"] == "2"}
+    assert fold2["study"] < fold2["independent"]
 
 
 def test_tune_resumes_from_its_storage(real_data_dir, tmp_path):

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bloodcell.data import CLASSES  # noqa: E402
@@ -130,6 +131,7 @@ def learning_curves(curves: Mapping[str, np.ndarray], path: Path, title: str = "
             if values.shape[0] > 1:
                 ax.fill_between(epochs, mean - std, mean + std, alpha=0.25, color=SPLIT_COLOURS[split])
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("accuracy" if metric == "acc" else "loss")
         ax.legend()
         ax.grid(alpha=0.3)

@@ -191,7 +191,10 @@ def study_report(study_dir: Path, out: Path) -> Path:
 
     study_dir = Path(study_dir)
     summary = runs.read_json(study_dir / "results.json")
-    header, rows = results_table({name: {"metrics": m} for name, m in summary["models"].items()})
+    header, rows = results_table(summary["models"])
+    protocols = "".join(
+        f"<li><b>{html.escape(name)}</b>: {html.escape(text)}</li>" for name, text in summary["protocols"].items()
+    )
     config = [[k, v] for k, v in summary["config"].items()] + [["runtime", f"{summary['runtime_seconds']:.0f} s"]]
     sections = [
         _section(
@@ -206,13 +209,14 @@ def study_report(study_dir: Path, out: Path) -> Path:
             "Baseline vs CNN vs published",
             _table(header, rows)
             + "<p class='muted'>Test metrics, mean +- std over the fold models; every fold model is scored "
-            "on the full official test split.</p>",
+            f"on the full official test split.</p><ul>{protocols}</ul>",
         ),
     ]
     for model in MODELS:
         figures = "".join(
             _img(study_dir / name, name)
-            for name in (f"learning_curves_{model}.png", f"confusion_{model}.png")
+            for protocol in summary["protocols"]
+            for name in (f"learning_curves_{model}_{protocol}.png", f"confusion_{model}_{protocol}.png")
             if (study_dir / name).is_file()
         )
         sections.append(_section(f"model-{model}", model, figures))
