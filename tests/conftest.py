@@ -62,7 +62,7 @@ def real_subset_file(real_data_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def default_run(real_data_dir, tmp_path_factory) -> Path:
-    """The recommended recipe on the full real data, shortened to 16 of its 30 epochs (~3.5 min) to
+    """The recommended recipe on the full real data, shortened to 16 of its 45 epochs (~3.5 min) to
     keep CI fast; shared by the predict/explain/report tests."""
     from bloodcell.pipeline import train_run
     from bloodcell.train import PRESETS, with_overrides

@@ -11,6 +11,7 @@ from PIL import Image
 
 import bloodcell
 from bloodcell import data
+from bloodcell.errors import BloodcellError
 from bloodcell.predict import differential
 from tests.cli import run_cli
 
@@ -26,6 +27,19 @@ def test_predictions_on_full_size_files_match_their_bloodmnist_twins(default_run
     file_accuracy = np.mean([rec["class"] == t for rec, t in zip(records, truth)])
     twin_accuracy = np.mean([c == t for c, t in zip(twin_classes, truth)])
     assert abs(file_accuracy - twin_accuracy) <= 0.005  # the 0.5 percentage-point target
+
+
+def test_bfloat16_and_compiled_inference_agree_with_float32(default_run, real_dataset):
+    images = real_dataset.val.images[:600]
+    reference = bloodcell.load(default_run).predict_proba(images)
+    for precision, compile in (("bfloat16", False), ("bfloat16", True)):
+        fast = bloodcell.load(default_run, precision=precision, compile=compile)
+        probs = fast.predict_proba(images)
+        assert probs.dtype == reference.dtype and probs.shape == reference.shape
+        assert (probs.argmax(1) == reference.argmax(1)).float().mean() >= 0.99
+        assert (probs - reference).abs().max() < 0.1  # bfloat16 keeps about 3 significant digits
+    with pytest.raises(BloodcellError, match="unknown precision 'float16'"):
+        bloodcell.load(default_run, precision="float16")
 
 
 def test_predict_api_on_pil_images_and_arrays(default_run, pbc_sample):

@@ -58,6 +58,18 @@ def _json_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
 
+def _inference_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="inference precision; bfloat16 is about 2x faster on CPUs with AVX512-BF16/AMX (default float32)",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the model first (about 10 s; pays off on large batches)"
+    )
+
+
 def _seed_option(p: argparse.ArgumentParser, default: int = 42) -> None:
     p.add_argument("--seed", type=int, default=default, help=f"random seed (default {default})")
 
@@ -181,7 +193,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from bloodcell.evaluate import evaluate, format_metrics
     from bloodcell.predict import Classifier
 
-    classifier = Classifier.from_run(args.run_dir)
+    classifier = Classifier.from_run(args.run_dir, args.precision, args.compile)
     dataset = data.load(args.data_dir, size=classifier.image_size, data_file=args.data_file)
     result = evaluate(
         classifier, dataset.split(args.split), tta=args.tta, figures_dir=Path(args.out or args.run_dir), name=args.split
@@ -202,7 +214,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from bloodcell.predict import Classifier, differential
     from bloodcell.runs import write_csv
 
-    classifier = Classifier.from_run(args.run_dir)
+    classifier = Classifier.from_run(args.run_dir, args.precision, args.compile)
     records = classifier.predict_files(
         args.paths,
         crop=args.crop,
@@ -389,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split (default test)")
     p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations")
     p.add_argument("--out", help="folder for the figures (default: the run directory)")
+    _inference_options(p)
     _json_option(p)
 
     p = sub.add_parser(
@@ -410,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=256, help="images per inference batch (default 256)")
     p.add_argument("--workers", type=int, help="image-decoding threads (default: 2 x CPU cores, at most 8)")
+    _inference_options(p)
     p.add_argument(
         "--crop",
         default="medmnist",

@@ -19,6 +19,7 @@ import torch
 
 from bloodcell import __version__, explain, plots, runs
 from bloodcell.data import CLASSES, SPLITS, Dataset
+from bloodcell.errors import BloodcellError
 from bloodcell.evaluate import evaluate
 from bloodcell.predict import Classifier
 
@@ -191,6 +192,8 @@ def study_report(study_dir: Path, out: Path) -> Path:
 
     study_dir = Path(study_dir)
     summary = runs.read_json(study_dir / "results.json")
+    if "protocols" not in summary:
+        raise BloodcellError(f"{study_dir / 'results.json'}: made by an older bloodcell; rerun `bloodcell reproduce`")
     header, rows = results_table(summary["models"])
     protocols = "".join(
         f"<li><b>{html.escape(name)}</b>: {html.escape(text)}</li>" for name, text in summary["protocols"].items()

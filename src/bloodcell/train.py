@@ -35,7 +35,7 @@ class TrainConfig:
 
     model: str = "res-medium"
     model_args: dict = field(default_factory=dict)
-    epochs: int = 30
+    epochs: int = 45
     batch_size: int = 256
     lr: float = 6e-3
     optimizer: str = "adamw"  # adamw | adam | sgd
@@ -140,18 +140,23 @@ def predict_logits(
     batch_size: int = 1024,
     tta: bool = False,
 ) -> torch.Tensor:
-    """Logits for uint8 images (N,3,H,W); with `tta`, averaged over the 8 flips/rotations."""
+    """Float32 logits for uint8 images (N,3,H,W); with `tta`, averaged over the 8 flips/rotations.
+
+    Inputs follow the model's weights: their dtype (bfloat16 models get bfloat16 inputs) and, for
+    channels-last convolution weights, channels-last memory (which oneDNN runs fastest on CPU).
+    """
     model.eval()
-    channels_last = next(model.parameters()).is_contiguous(memory_format=torch.channels_last) and any(
+    first = next(model.parameters())
+    channels_last = first.is_contiguous(memory_format=torch.channels_last) and any(
         p.ndim == 4 for p in model.parameters()
     )
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     views = range(8) if tta else range(1)
     out = []
     for start in range(0, len(images), batch_size):
-        x = to_float(images[start : start + batch_size], mean, std)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        out.append(torch.stack([model(dihedral(x, k)) for k in views]).mean(dim=0))
+        x = to_float(images[start : start + batch_size], mean, std).to(first.dtype)
+        logits = [model(dihedral(x, k).contiguous(memory_format=memory_format)).float() for k in views]
+        out.append(torch.stack(logits).mean(dim=0))
     return torch.cat(out) if out else torch.empty(0, models.NUM_CLASSES)
 
 
