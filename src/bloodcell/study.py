@@ -168,12 +168,12 @@ def write_figures(result: dict, model_name: str, protocol: str, test: Split, fol
 
 def reproduce(dataset: Dataset, out_dir: Path, config: StudyConfig = StudyConfig(), progress: bool = True) -> dict:
     """Run the whole study and write results.{json,md,png}, curves, confusion matrices to `out_dir`."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pool, test = pooled_train_val(dataset, config.subset, config.seed)
     unknown = set(config.protocols) - set(PROTOCOLS)
     if unknown or not config.protocols:
         raise BloodcellError(f"unknown protocol {sorted(unknown)}; use any of {', '.join(PROTOCOLS)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pool, test = pooled_train_val(dataset, config.subset, config.seed)
     started = time.perf_counter()
     results: dict[str, dict[str, dict]] = {model: {} for model in MODELS}
     total = len(MODELS) * len(config.protocols) * config.folds * config.epochs
