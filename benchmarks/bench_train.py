@@ -71,13 +71,15 @@ def main() -> None:
             images = dataset.test.images.repeat(3, 1, 1, 1)
             first_run = Path(tmp) / f"{preset}-{args.seeds[0]}"
             fp32 = bench_inference(bloodcell.load(first_run), images)
-            fast = bloodcell.load(first_run, precision="bfloat16", compile=True)
-            bf16 = bench_inference(fast, images)
-            bf16_accuracy = []
-            for seed in args.seeds:
-                classifier = bloodcell.load(Path(tmp) / f"{preset}-{seed}", precision="bfloat16", compile=True)
-                predictions = classifier.logits(dataset.test.images, tta=True).argmax(1)
-                bf16_accuracy.append((predictions == dataset.test.labels).float().mean().item())
+            fast = {
+                seed: bloodcell.load(Path(tmp) / f"{preset}-{seed}", precision="bfloat16", compile=True)
+                for seed in args.seeds
+            }
+            bf16 = bench_inference(fast[args.seeds[0]], images)
+            bf16_accuracy = [
+                (c.logits(dataset.test.images, tta=True).argmax(1) == dataset.test.labels).float().mean().item()
+                for c in fast.values()
+            ]
             rows.append(
                 [
                     preset,

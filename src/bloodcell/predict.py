@@ -200,8 +200,3 @@ def differential(records: list[dict], classes: list[str]) -> dict:
         "erythroblasts_per_100_wbc": 100 * counts.get("erythroblast", 0) / wbc if wbc else None,
         "platelets": counts.get("platelet", 0),
     }
-
-
-def load(run_dir: str | Path, precision: str = "float32", compile: bool = False) -> Classifier:
-    """Load a trained run for use in Python: `bloodcell.load("runs/default").predict(images)`."""
-    return Classifier.from_run(run_dir, precision, compile)
