@@ -11,7 +11,7 @@ import torch
 import bloodcell
 from bloodcell import data, runs
 from bloodcell.pipeline import train_run
-from bloodcell.train import PRESETS, with_overrides
+from bloodcell.train import PRESETS, mixup_batch, with_overrides
 from tests.cli import run_cli
 from tests.conftest import write_synthetic_npz
 
@@ -82,7 +82,7 @@ def test_python_api_predicts_on_uint8_and_float(trained_run, real_subset_file):
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(real_subset_file, tmp_path):
     dataset = data.load_npz(real_subset_file)
-    config = with_overrides(PRESETS["fast"], epochs=3, ema_decay=0.9)
+    config = with_overrides(PRESETS["fast"], epochs=3, ema_decay=0.9, mixup=0.2)  # every RNG consumer on
     train_run(dataset, tmp_path / "straight", config, progress=False)
     assert train_run(dataset, tmp_path / "interrupted", config, progress=False, stop_after_epochs=1) is None
     assert (tmp_path / "interrupted" / "checkpoint" / "state.json").is_file()
@@ -103,3 +103,14 @@ def test_training_at_64_px_on_synthetic_data(tmp_path):
     run_cli("train", "--data-file", path, "--out", run_dir, "--preset", "fast", "--epochs", "1")
     assert json.loads((run_dir / "model.json").read_text())["image_size"] == 64
     assert bloodcell.load(run_dir).predict_proba(torch.zeros(2, 3, 64, 64, dtype=torch.uint8)).shape == (2, 8)
+
+
+def test_mixup_blends_each_image_with_one_partner():
+    images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 2, 2)
+    generator = torch.Generator().manual_seed(0)
+    unchanged, no_partner, full_weight = mixup_batch(images, 0.0, generator)
+    assert unchanged is images and no_partner is None and full_weight == 1.0
+    torch.manual_seed(0)
+    mixed, partner, weight = mixup_batch(images, 0.4, generator)
+    assert 0 < weight < 1 and sorted(partner.tolist()) == [0, 1, 2, 3]
+    assert torch.allclose(mixed, weight * images + (1 - weight) * images[partner])

@@ -239,6 +239,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if summary["failed"] else 0
 
 
+@command("serve")
+def cmd_serve(args: argparse.Namespace) -> int:
+    from bloodcell.predict import Classifier
+    from bloodcell.serve import serve
+
+    classifier = Classifier.from_run(args.run_dir, args.precision, args.compile)
+    serve(classifier, args.host, args.port, crop=args.crop, tta=args.tta, min_confidence=args.min_confidence)
+    return 0
+
+
 def _csv_row(record: dict) -> dict:
     top = "; ".join(f"{t['class']}={t['probability']:.4f}" for t in record["top_k"])
     return {k: record[k] for k in ("path", "class", "probability", "review", "error")} | {"top_k": top}
@@ -430,6 +440,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="'medmnist' (the BloodMNIST geometry, default), 'none' (largest centred square) or a fraction",
     )
     _json_option(p)
+
+    p = sub.add_parser(
+        "serve",
+        help="serve a trained run over HTTP (POST /predict with image files; docs at /docs)",
+        description="An HTTP API for lab software: GET /health, POST /predict (multipart image files) returning "
+        "the same records and differential count as `predict --json`. Needs `pip install 'bloodcell[serve]'`.",
+    )
+    p.add_argument("run_dir", help="run directory written by `bloodcell train`")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations unless a request says not")
+    p.add_argument("--min-confidence", type=float, default=0.8, help="default review threshold (default 0.8)")
+    p.add_argument("--crop", default="medmnist", help="crop for uploaded images, as in `predict`")
+    _inference_options(p)
 
     p = sub.add_parser("explain", help="Grad-CAM heat maps for image files or dataset images")
     p.add_argument("run_dir", help="run directory written by `bloodcell train`")

@@ -31,9 +31,9 @@ class Classifier:
     @classmethod
     def from_run(cls, run_dir: str | Path, precision: str = "float32", compile: bool = False) -> Classifier:
         """Load a run. For bulk inference on 28 px tensors, `precision="bfloat16"` (fast on CPUs
-        with AVX512-BF16 or AMX) and `compile=True` (torch.compile with weights frozen into the
-        graph; compiles on first use, about 10 s, and needs a C++ compiler) are several times
-        faster; `benchmarks/bench_train.py` measures both and their accuracy."""
+        with AVX512-BF16 or AMX) is about 2.5x faster; `compile=True` (torch.compile with weights
+        frozen into the graph; compiles on first use, about 10 s, and needs a C++ compiler) helps
+        wider models more. `benchmarks/bench_inference.py` compares the ways side by side."""
         if precision not in PRECISIONS:
             raise BloodcellError(f"unknown precision {precision!r}; use {' or '.join(PRECISIONS)}")
         run_dir = Path(run_dir)
@@ -155,28 +155,48 @@ class Classifier:
         with ThreadPoolExecutor(workers) as pool, tqdm(total=len(files), unit="img", disable=not progress) as bar:
             for start in range(0, len(files), batch_size):
                 chunk = files[start : start + batch_size]
-                loaded = list(pool.map(load, chunk))
-                good = [i for i, item in enumerate(loaded) if not isinstance(item, str)]
-                results = {}
-                if good:
-                    probs = self.predict_proba(preprocess.to_tensor([loaded[i] for i in good]), tta)
-                    results = dict(zip(good, self.records(probs, top_k, min_confidence)))
-                for i, path in enumerate(chunk):
-                    if i in results:
-                        records.append({"path": str(path), **results[i], "error": None})
-                    else:
-                        records.append(
-                            {
-                                "path": str(path),
-                                "class": None,
-                                "probability": None,
-                                "top_k": [],
-                                "review": False,
-                                "error": loaded[i],
-                            }
-                        )
+                records += self._file_records(
+                    [str(p) for p in chunk], list(pool.map(load, chunk)), tta, top_k, min_confidence
+                )
                 bar.update(len(chunk))
         return records
+
+    def predict_uploads(
+        self,
+        uploads: list[tuple[str, bytes]],
+        crop: str | float = "medmnist",
+        tta: bool = False,
+        top_k: int = 3,
+        min_confidence: float = 0.0,
+    ) -> list[dict]:
+        """`predict_files` for (name, content) pairs already in memory, as `bloodcell serve` receives them."""
+        crop_spec = preprocess.Crop.parse(crop)
+
+        def load(content: bytes) -> np.ndarray | str:
+            try:
+                return preprocess.load_bytes(content, self.image_size, crop_spec)
+            except preprocess.ImageError as exc:
+                return str(exc)
+
+        loaded = [load(content) for _, content in uploads]
+        return self._file_records([name for name, _ in uploads], loaded, tta, top_k, min_confidence)
+
+    def _file_records(
+        self, names: list[str], loaded: list[np.ndarray | str], tta: bool, top_k: int, min_confidence: float
+    ) -> list[dict]:
+        """One record per file: the prediction, or `error` (the reason as a string) if it could not be read."""
+        good = [i for i, item in enumerate(loaded) if not isinstance(item, str)]
+        results = {}
+        if good:
+            probs = self.predict_proba(preprocess.to_tensor([loaded[i] for i in good]), tta)
+            results = dict(zip(good, self.records(probs, top_k, min_confidence)))
+        failed = {"class": None, "probability": None, "top_k": [], "review": False}
+        return [
+            {"path": name, **results[i], "error": None}
+            if i in results
+            else {"path": name, **failed, "error": loaded[i]}
+            for i, name in enumerate(names)
+        ]
 
 
 def differential(records: list[dict], classes: list[str]) -> dict:

@@ -12,6 +12,7 @@ fitted by least squares on half of the sample (`medmnist_filter.json`, made by
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from dataclasses import dataclass
@@ -125,13 +126,22 @@ def prepare(image: Image.Image, size: int = 28, crop: Crop = Crop(MEDMNIST_CROP)
 
 def load_file(path: str | Path, size: int = 28, crop: Crop = Crop(MEDMNIST_CROP), emulate: bool = True) -> np.ndarray:
     """Read and prepare one file; every failure is an ImageError with a short reason."""
-    path = Path(path)
+    return _decode(Path(path), size, crop, emulate)
+
+
+def load_bytes(content: bytes, size: int = 28, crop: Crop = Crop(MEDMNIST_CROP), emulate: bool = True) -> np.ndarray:
+    """`load_file` for an image already in memory (an HTTP upload)."""
+    return _decode(io.BytesIO(content), size, crop, emulate)
+
+
+def _decode(source: Path | io.BytesIO, size: int, crop: Crop, emulate: bool) -> np.ndarray:
     try:
-        if path.stat().st_size == 0:
+        empty = source.stat().st_size == 0 if isinstance(source, Path) else source.getbuffer().nbytes == 0
+        if empty:
             raise ImageError("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 if image.width * image.height > MAX_PIXELS:
                     raise ImageError(f"image too large ({image.width}x{image.height}), possible decompression bomb")
                 image.load()
