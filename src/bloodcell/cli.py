@@ -70,6 +70,22 @@ def _inference_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _image_file_options(p: argparse.ArgumentParser) -> None:
+    """How full-size cell images are classified (`predict` and `serve`)."""
+    p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations")
+    p.add_argument(
+        "--min-confidence",
+        type=float,
+        default=0.8,
+        help="flag images whose top probability is below this for review (default 0.8)",
+    )
+    p.add_argument(
+        "--crop",
+        default="medmnist",
+        help="'medmnist' (the BloodMNIST geometry, default), 'none' (largest centred square) or a fraction",
+    )
+
+
 def _seed_option(p: argparse.ArgumentParser, default: int = 42) -> None:
     p.add_argument("--seed", type=int, default=default, help=f"random seed (default {default})")
 
@@ -423,22 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="run directory written by `bloodcell train`")
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--csv", help="also write one row per image to this CSV file")
-    p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations")
     p.add_argument("--top-k", type=int, default=3, help="classes listed per image (default 3)")
-    p.add_argument(
-        "--min-confidence",
-        type=float,
-        default=0.8,
-        help="flag images whose top probability is below this for review (default 0.8)",
-    )
     p.add_argument("--batch-size", type=int, default=256, help="images per inference batch (default 256)")
     p.add_argument("--workers", type=int, help="image-decoding threads (default: 2 x CPU cores, at most 8)")
+    _image_file_options(p)
     _inference_options(p)
-    p.add_argument(
-        "--crop",
-        default="medmnist",
-        help="'medmnist' (the BloodMNIST geometry, default), 'none' (largest centred square) or a fraction",
-    )
     _json_option(p)
 
     p = sub.add_parser(
@@ -450,9 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="run directory written by `bloodcell train`")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations unless a request says not")
-    p.add_argument("--min-confidence", type=float, default=0.8, help="default review threshold (default 0.8)")
-    p.add_argument("--crop", default="medmnist", help="crop for uploaded images, as in `predict`")
+    _image_file_options(p)  # the server's defaults; a request can set tta and min_confidence
     _inference_options(p)
 
     p = sub.add_parser("explain", help="Grad-CAM heat maps for image files or dataset images")
