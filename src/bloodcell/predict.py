@@ -145,12 +145,7 @@ class Classifier:
         workers = workers or min(8, (os.cpu_count() or 2) * 2)
 
         def load(path: Path) -> np.ndarray | str:
-            try:
-                return preprocess.load_file(path, self.image_size, crop_spec)
-            except preprocess.ImageError as exc:
-                return str(exc)
-            except OSError as exc:  # missing file, permission denied
-                return exc.strerror or str(exc)
+            return _prepared_or_reason(preprocess.load_file, path, self.image_size, crop_spec)
 
         with ThreadPoolExecutor(workers) as pool, tqdm(total=len(files), unit="img", disable=not progress) as bar:
             for start in range(0, len(files), batch_size):
@@ -171,14 +166,9 @@ class Classifier:
     ) -> list[dict]:
         """`predict_files` for (name, content) pairs already in memory, as `bloodcell serve` receives them."""
         crop_spec = preprocess.Crop.parse(crop)
-
-        def load(content: bytes) -> np.ndarray | str:
-            try:
-                return preprocess.load_bytes(content, self.image_size, crop_spec)
-            except preprocess.ImageError as exc:
-                return str(exc)
-
-        loaded = [load(content) for _, content in uploads]
+        loaded = [
+            _prepared_or_reason(preprocess.load_bytes, content, self.image_size, crop_spec) for _, content in uploads
+        ]
         return self._file_records([name for name, _ in uploads], loaded, tta, top_k, min_confidence)
 
     def _file_records(
@@ -197,6 +187,14 @@ class Classifier:
             else {"path": name, **failed, "error": loaded[i]}
             for i, name in enumerate(names)
         ]
+
+
+def _prepared_or_reason(load, source, size: int, crop: preprocess.Crop) -> np.ndarray | str:
+    """The prepared image, or why it could not be read (which becomes the record's `error`)."""
+    try:
+        return load(source, size, crop)
+    except preprocess.ImageError as exc:
+        return str(exc)
 
 
 def differential(records: list[dict], classes: list[str]) -> dict:
