@@ -18,7 +18,7 @@ import torch
 
 import bloodcell
 from bloodcell import data
-from bloodcell.augment import to_float
+from bloodcell.inference import normalize
 
 
 def images_per_second(run: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, repeats: int = 5) -> float:
@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     classifier = bloodcell.load(args.run_dir)
-    mean, std = classifier.meta["normalize"]["mean"], classifier.meta["normalize"]["std"]
+    mean, std = classifier.record.preprocessing.mean, classifier.record.preprocessing.std
     images = data.load(args.data_dir).test.images.repeat(3, 1, 1, 1)
     example = torch.zeros(1024, 3, 28, 28).contiguous(memory_format=torch.channels_last)
 
@@ -49,7 +49,7 @@ def main() -> None:
         def run(batch_of_images: torch.Tensor) -> torch.Tensor:
             out = []
             for start in range(0, len(batch_of_images), 1024):
-                x = to_float(batch_of_images[start : start + 1024], mean, std).to(dtype)
+                x = normalize(batch_of_images[start : start + 1024], mean, std).to(dtype)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                     out.append(model(x.contiguous(memory_format=memory_format)).float())
             return torch.cat(out)

@@ -60,7 +60,7 @@ def main() -> None:
                 start = time.perf_counter()
                 metrics = train_run(dataset, run_dir, config, progress=False)
                 wall = time.perf_counter() - start
-                train_seconds = bloodcell.load(run_dir).meta["train_seconds"]
+                train_seconds = bloodcell.load(run_dir).record.train_seconds
                 results.append((wall, train_seconds, metrics))
                 print(
                     f"{preset} seed {seed}: train {train_seconds:.0f} s (wall incl. eval {wall:.0f} s), "

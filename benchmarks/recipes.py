@@ -13,9 +13,9 @@ import json
 import time
 from dataclasses import replace
 
-from bloodcell import data, metrics
+from bloodcell import data, inference, metrics
 from bloodcell.augment import AugmentConfig
-from bloodcell.train import TrainConfig, build_model, fit, predict_logits
+from bloodcell.train import TrainConfig, build_model, fit
 
 # Every row is spelled out from a pinned base, so that changing TrainConfig's defaults never
 # changes what an old row name trains. `sharp1` = blur/sharpen augmentation of strength 1.
@@ -57,7 +57,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         scores = {}
         for tta in (False, True):
-            logits = predict_logits(result.model, dataset.val.images, result.mean, result.std, tta=tta)
+            logits = inference.logits(result.model, dataset.val.images, result.mean, result.std, tta=tta)
             scores[tta] = (logits.argmax(1) == dataset.val.labels).float().mean().item()
         auc = metrics.classification_metrics(dataset.val.labels.numpy(), logits.softmax(1).numpy())["auc_macro_ovr"]
         curve = [round(row["val_acc"], 4) for row in result.history]

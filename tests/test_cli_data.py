@@ -6,7 +6,7 @@ import json
 
 from PIL import Image
 
-from tests.cli import run_cli
+from tests.cli import call_cli, run_cli
 from tests.conftest import write_synthetic_npz
 
 
@@ -37,7 +37,7 @@ def test_explore_writes_three_figures(real_data_dir, tmp_path):
 def test_bad_file_is_one_line_error_and_nonzero_exit(tmp_path):
     broken = tmp_path / "bloodmnist.npz"
     broken.write_bytes(write_synthetic_npz(tmp_path / "x.npz").read_bytes()[:100])
-    result = run_cli("info", "--data-dir", str(tmp_path), check=False)
+    result = call_cli("info", "--data-dir", str(tmp_path), check=False)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and str(broken) in result.stderr
     assert "Traceback" not in result.stderr
@@ -45,5 +45,5 @@ def test_bad_file_is_one_line_error_and_nonzero_exit(tmp_path):
 
 def test_data_file_option_accepts_other_sizes(tmp_path):
     path = write_synthetic_npz(tmp_path / "mine_64.npz", size=64)
-    info = json.loads(run_cli("info", "--data-file", str(path), "--json").stdout)
+    info = json.loads(call_cli("info", "--data-file", str(path), "--json").stdout)
     assert info["image_size"] == 64 and info["official"] is False

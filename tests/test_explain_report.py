@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from bloodcell import explain, models
-from tests.cli import run_cli
+from tests.cli import call_cli, run_cli
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = [
@@ -70,30 +70,57 @@ def test_gradcam_works_for_every_conv_model(name):
     assert 0 <= cam.probability <= 1
 
 
-def test_explain_on_files_and_dataset_indices(default_run, pbc_sample, real_data_dir, tmp_path):
-    files = [str(r["path"]) for r in pbc_sample[::100]]
-    result = run_cli(
-        "explain", default_run, *files, "--index", "0", "7", "--data-dir", real_data_dir, "--out", tmp_path, "--json"
+def test_explain_on_files_folders_and_dataset_indices(synthetic_run, synthetic_file, cell_images, tmp_path):
+    folder = tmp_path / "more"
+    (folder / "deeper").mkdir(parents=True)
+    (folder / "deeper" / cell_images[0].name).write_bytes(cell_images[0].read_bytes())  # same name as a file
+    result = call_cli(
+        "explain",
+        synthetic_run,
+        *cell_images,
+        folder,
+        "--index",
+        "0",
+        "7",
+        "--data-file",
+        synthetic_file,
+        "--out",
+        tmp_path / "out",
+        "--json",
     )
     figures = json.loads(result.stdout)["figures"]
-    assert len(figures) == len(files) + 2
+    assert len(figures) == len(cell_images) + 1 + 2 and len(set(figures)) == len(figures)
     for path in figures:
         with Image.open(path) as image:
             assert image.size[0] >= 600
-    bad = run_cli(
-        "explain", default_run, "--index", "99999", "--data-dir", real_data_dir, "--out", tmp_path, check=False
+    bad = call_cli(
+        "explain", synthetic_run, "--index", "99999", "--data-file", synthetic_file, "--out", tmp_path, check=False
     )
     assert bad.returncode == 1 and "outside the test split" in bad.stderr
 
 
+def test_report_embeds_only_regular_files_inside_the_folder(synthetic_file, tmp_path):
+    from bloodcell import report
+
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG not for the report")
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "learning_curves_baseline_study.png").symlink_to(secret)
+    html = report._img(study / "learning_curves_baseline_study.png", "x", study)
+    assert "skipped" in html and "base64" not in html
+    (study / "real.png").write_bytes(b"\x89PNG")
+    assert "base64" in report._img(study / "real.png", "x", study)
+
+
 @pytest.fixture(scope="module")
-def report_file(default_run, real_data_dir, tmp_path_factory):
+def report_file(real_run, real_data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "report.html"
-    run_cli("report", default_run, "--data-dir", real_data_dir, "--out", out)
+    run_cli("report", real_run, "--data-dir", real_data_dir, "--out", out)
     return out
 
 
-def test_report_sections_and_numbers_match_evaluate(report_file, default_run, real_data_dir):
+def test_report_sections_and_numbers_match_evaluate(report_file, real_run, real_data_dir):
     page = report_file.read_text()
     for anchor in (
         "provenance",
@@ -108,7 +135,7 @@ def test_report_sections_and_numbers_match_evaluate(report_file, default_run, re
         "gradcam",
     ):
         assert f'id="{anchor}"' in page, anchor
-    evaluated = json.loads(run_cli("evaluate", default_run, "--data-dir", real_data_dir, "--json").stdout)
+    evaluated = json.loads(run_cli("evaluate", real_run, "--data-dir", real_data_dir, "--json").stdout)
     assert f"<td>accuracy</td><td>{evaluated['accuracy']:.4f}</td>" in page
     assert f"{evaluated['auc_macro_ovr']:.4f}" in page and "7053d0359d879ad8a5505303e11de1dc" in page
     assert len(re.findall(r'src="data:image/png;base64,', page)) == 7  # every figure section

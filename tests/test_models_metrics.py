@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bloodcell import augment, metrics, models
+from bloodcell import metrics, models
 from bloodcell.calibrate import fit_temperature
 from bloodcell.errors import BloodcellError
 
@@ -28,6 +28,28 @@ def test_every_model_gives_eight_logits(name, size):
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(BloodcellError, match="unknown model 'resnet-9000'"):
         models.create("resnet-9000")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"widths": [10_000_000]}, "outside"),
+        ({"widths": [32] * 20}, "1 to 6"),
+        ({"blocks": 9}, "outside"),
+        ({"stem": 0}, "outside"),
+        ({"image_size": 4}, "outside"),
+        ({"colour": "blue"}, "bad arguments"),
+    ],
+)
+def test_architecture_arguments_are_bounded(args, message):
+    with pytest.raises(BloodcellError, match=message):
+        models.create("res-small", **args)
+
+
+def test_resolved_args_rebuild_the_same_network():
+    args = models.resolved_args("res-small")
+    a, b = models.create("res-small"), models.create("res-small", **args)
+    assert models.parameter_count(a) == models.parameter_count(b) == 490_240
 
 
 def test_metrics_against_hand_computed_case():
@@ -72,18 +94,3 @@ def test_temperature_scaling_lowers_nll_of_overconfident_logits():
     t = fit_temperature(logits, labels)
     nll = torch.nn.functional.cross_entropy
     assert t > 1.5 and nll(logits / t, labels) < nll(logits, labels)
-
-
-def test_dihedral_views_are_the_eight_symmetries():
-    x = torch.arange(9).view(1, 1, 3, 3)
-    views = {tuple(augment.dihedral(x, k).flatten().tolist()) for k in range(8)}
-    assert len(views) == 8
-
-
-def test_batch_augmentation_preserves_shape_and_content():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 3, 28, 28)
-    out = augment.augment_batch(x, augment.AugmentConfig(translate=2), g)
-    assert out.shape == x.shape
-    rotated = augment.random_dihedral(x, g, flip=True, rot90=True)
-    assert torch.allclose(rotated.sum(dim=(1, 2, 3)), x.sum(dim=(1, 2, 3)), atol=1e-3)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bloodcell import data, preprocess
+from bloodcell import preprocess
 from bloodcell.errors import BloodcellError
 
 # Mean per-image RMS (grey levels) to the BloodMNIST twins, as measured by
@@ -19,14 +19,14 @@ ACHIEVED_FILTERED_RMS = 6.45
 def test_preprocessing_reproduces_bloodmnist_pixels(pbc_sample, real_dataset):
     index = [int(r["bloodmnist_index"]) for r in pbc_sample]
     twins = real_dataset.train.images[index].permute(0, 2, 3, 1).numpy().astype(float)
-    plain = np.stack([preprocess.load_file(r["path"], emulate=False) for r in pbc_sample]).astype(float)
-    ours = np.stack([preprocess.load_file(r["path"]) for r in pbc_sample]).astype(float)
+    plain = np.stack([preprocess.load(r["path"], emulate=False) for r in pbc_sample]).astype(float)
+    ours = np.stack([preprocess.load(r["path"]) for r in pbc_sample]).astype(float)
     rms_plain = np.sqrt(((plain - twins) ** 2).mean(axis=(1, 2, 3)))
     rms = np.sqrt(((ours - twins) ** 2).mean(axis=(1, 2, 3)))
     assert len(rms) == 400 and rms_plain.mean() < ACHIEVED_PLAIN_RMS
     assert rms[1::2].mean() < ACHIEVED_FILTERED_RMS  # the held-out half (the filter was fitted on rows 0, 2, ...)
     assert rms.mean() < ACHIEVED_FILTERED_RMS
-    no_crop = np.stack([preprocess.load_file(r["path"], crop=preprocess.Crop.parse("none")) for r in pbc_sample[:40]])
+    no_crop = np.stack([preprocess.load(r["path"], crop=preprocess.Crop.parse("none")) for r in pbc_sample[:40]])
     assert np.sqrt(((no_crop - twins[:40]) ** 2).mean()) > 3 * rms_plain[:40].mean()  # the crop matters
 
 
@@ -37,7 +37,7 @@ def test_any_mode_becomes_rgb(tmp_path, mode):
     suffix = ".tiff" if mode in ("I;16", "CMYK", "LA") else ".png"
     path = tmp_path / f"cell{suffix}"
     image.save(path)
-    out = preprocess.load_file(path, size=28)
+    out = preprocess.load(path, size=28)
     assert out.shape == (28, 28, 3) and out.dtype == np.uint8
 
 
@@ -54,4 +54,36 @@ def test_folders_are_searched_recursively(pbc_sample):
     root = pbc_sample[0]["path"].parents[1]
     found = preprocess.find_images([root])
     assert len(found) == 400 and all(p.suffix == ".jpg" for p in found)
-    assert data.CLASSES  # keep the import used for readers following along
+
+
+def test_every_kind_of_input_takes_the_same_path(tmp_path):
+    array = np.random.default_rng(3).integers(0, 255, (120, 130, 3), dtype=np.uint8)
+    path = tmp_path / "cell.png"
+    Image.fromarray(array).save(path)
+    from_path = preprocess.load(path)
+    assert np.array_equal(from_path, preprocess.load(path.read_bytes()))
+    assert np.array_equal(from_path, preprocess.load(Image.open(path)))
+    assert np.array_equal(from_path, preprocess.load(array))
+
+
+def test_size_limits_are_checked_from_the_header_before_decoding(tmp_path, monkeypatch):
+    big = tmp_path / "big.png"
+    Image.new("1", (5000, 5000)).save(big)  # 25 Mpx, a few kB on disk
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (1, 1)).save(tiny)
+    decoded = []
+    original_load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size) or original_load(self))
+    with pytest.raises(preprocess.ImageError, match=r"too large \(5000x5000"):
+        preprocess.load(big)
+    with pytest.raises(preprocess.ImageError, match="too small to hold a cell"):
+        preprocess.load(tiny)
+    assert (5000, 5000) not in decoded and (1, 1) not in decoded
+    with pytest.raises(preprocess.ImageError, match="too large"):
+        preprocess.load(big.read_bytes())
+    with pytest.raises(preprocess.ImageError, match="empty file"):
+        preprocess.load(b"")
+    with pytest.raises(preprocess.ImageError, match="not an image"):
+        preprocess.load(b"hello")
+    with pytest.raises(preprocess.ImageError, match="uint8"):
+        preprocess.load(np.zeros((40, 40, 3), np.float32))

@@ -12,16 +12,16 @@ from fastapi.testclient import TestClient
 
 import bloodcell
 from bloodcell.serve import create_app
-from tests.cli import run_cli
+from tests.cli import call_cli
 
 
-def test_predict_endpoint_matches_predict_files_and_reports_bad_uploads(default_run, pbc_sample):
-    classifier = bloodcell.load(default_run)
+def test_predict_endpoint_matches_predict_files_and_reports_bad_uploads(synthetic_run, cell_images):
+    classifier = bloodcell.load(synthetic_run)
     client = TestClient(create_app(classifier))
     health = client.get("/health").json()
-    assert health["status"] == "ok" and health["classes"] == classifier.classes and health["image_size"] == 28
+    assert health["status"] == "ok" and tuple(health["classes"]) == classifier.classes and health["image_size"] == 28
 
-    paths = [r["path"] for r in pbc_sample[:5]]
+    paths = cell_images + cell_images[:2]
     files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
     files.append(("files", ("notes.png", b"not an image", "image/png")))
     response = client.post("/predict", files=files, params={"tta": "true"})
@@ -29,6 +29,7 @@ def test_predict_endpoint_matches_predict_files_and_reports_bad_uploads(default_
     payload = response.json()
     expected = classifier.predict_files(paths, tta=True)
     assert [r["class"] for r in payload["records"][:5]] == [r["class"] for r in expected]
+    assert [r["probability"] for r in payload["records"][:5]] == [r["probability"] for r in expected]
     assert payload["records"][5]["path"] == "notes.png" and "not an image" in payload["records"][5]["error"]
     assert payload["summary"]["classified"] == 5 and payload["summary"]["failed"] == 1
 
@@ -42,10 +43,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_command_answers_http_requests(default_run, pbc_sample):
+def test_serve_command_answers_http_requests(real_run, pbc_sample):
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "bloodcell", "serve", str(default_run), "--port", str(port)],
+        [sys.executable, "-m", "bloodcell", "serve", str(real_run), "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -64,13 +65,15 @@ def test_serve_command_answers_http_requests(default_run, pbc_sample):
         sample = pbc_sample[0]
         files = {"files": (sample["path"].name, sample["path"].read_bytes(), "image/jpeg")}
         record = httpx.post(f"{url}/predict", files=files, timeout=60).json()["records"][0]
-        assert record["error"] is None and record["class"] == sample["class"]
+        expected = bloodcell.load(real_run).predict_files([sample["path"]])[0]
+        assert record["error"] is None and record["class"] == expected["class"]
+        assert record["probability"] == expected["probability"]
     finally:
         server.terminate()
         server.wait(timeout=30)
 
 
 def test_serve_refuses_a_folder_that_is_not_a_run(tmp_path):
-    result = run_cli("serve", tmp_path, check=False)
+    result = call_cli("serve", tmp_path, check=False)
     assert result.returncode == 1 and "not a bloodcell run directory" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

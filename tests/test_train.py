@@ -1,108 +1,119 @@
-"""`bloodcell train` / `evaluate`, checkpoints and resume, the Python API, other image sizes."""
+"""The training loop on tiny synthetic tensors, checkpoints and exact resume, and `train` end to end."""
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 import torch
 
 import bloodcell
-from bloodcell import data, runs
+from bloodcell import checkpoint, data, files, runs
+from bloodcell.errors import BloodcellError
 from bloodcell.pipeline import train_run
-from bloodcell.train import PRESETS, mixup_batch, with_overrides
-from tests.cli import run_cli
-from tests.conftest import write_synthetic_npz
+from bloodcell.train import PRESETS, TrainConfig, build_model, fit, mixup_batch, with_overrides
+from tests.cli import call_cli, run_cli
 
-QUICK = ["--preset", "fast", "--epochs", "2"]  # two epochs: a check of the machinery, not of accuracy
+TINY = with_overrides(PRESETS["fast"], epochs=2, batch_size=32)
 
 
 @pytest.fixture(scope="module")
-def trained_run(real_subset_file, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("runs") / "quick"
-    result = run_cli("train", "--data-file", real_subset_file, "--out", run_dir, *QUICK, "--json")
-    return run_dir, json.loads(result.stdout)
+def synthetic(synthetic_file):
+    return data.load_npz(synthetic_file)
 
 
-def test_train_writes_a_complete_run_directory(trained_run):
-    run_dir, printed = trained_run
-    for name in (
-        "model.safetensors",
-        "model.json",
-        "metrics.json",
-        "history.csv",
-        "learning_curves.png",
-        "confusion_test.png",
-        "reliability_test.png",
-    ):
-        assert (run_dir / name).is_file(), name
-    assert not (run_dir / "checkpoint").exists()
-    meta = json.loads((run_dir / "model.json").read_text())
-    assert meta["arch"] == "res-small" and meta["image_size"] == 28 and len(meta["classes"]) == 8
-    assert meta["temperature"] > 0 and len(meta["normalize"]["mean"]) == 3
-    assert meta["train_config"]["epochs"] == 2 and meta["bloodcell_version"] == bloodcell.__version__
-    with open(run_dir / "history.csv") as f:
-        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["test"]["n"] == 300 and printed["test"]["accuracy"] == metrics["test"]["accuracy"]
+def test_fit_learns_the_synthetic_classes(synthetic):
+    config = with_overrides(TINY, epochs=3)
+    result = fit(build_model(config, 28), synthetic.train, synthetic.val, config, progress=False)
+    assert [row["epoch"] for row in result.history] == [1, 2, 3] and result.finished
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.history[-1]["val_acc"] > 0.3  # chance is 1/8
 
 
-def test_train_refuses_to_overwrite(trained_run, real_subset_file):
-    run_dir, _ = trained_run
-    before = (run_dir / "model.safetensors").read_bytes()
-    result = run_cli("train", "--data-file", real_subset_file, "--out", run_dir, *QUICK, check=False)
-    assert result.returncode == 1 and "use --overwrite or --resume" in result.stderr
-    assert (run_dir / "model.safetensors").read_bytes() == before
+def test_early_stopping_keeps_the_best_epoch(synthetic):
+    config = with_overrides(TINY, epochs=4, patience=1, lr=0.5)  # a wild learning rate: val loss gets worse
+    result = fit(build_model(config, 28), synthetic.train, synthetic.val, config, progress=False)
+    losses = [row["val_loss"] for row in result.history]
+    assert result.best_epoch == 1 + losses.index(min(losses))
+    assert len(result.history) <= 4
 
 
-def test_evaluate_json_matches_the_run(trained_run, real_subset_file):
-    run_dir, _ = trained_run
-    result = json.loads(run_cli("evaluate", run_dir, "--data-file", real_subset_file, "--json").stdout)
-    stored = json.loads((run_dir / "metrics.json").read_text())["test"]
-    assert result["accuracy"] == pytest.approx(stored["accuracy"])
-    low, high = result["accuracy_ci95"]
-    assert low <= result["accuracy"] <= high
-    assert {"auc_macro_ovr", "balanced_accuracy", "f1_weighted", "precision_macro", "ece", "nll"} <= set(result)
-    assert len(result["per_class"]) == 8 and sum(r["support"] for r in result["per_class"]) == 300
-    text = run_cli("evaluate", run_dir, "--data-file", real_subset_file, "--tta").stdout
-    assert "95% CI" in text and "immature granulocyte" in text
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(synthetic, tmp_path):
+    config = with_overrides(TINY, ema_decay=0.9, mixup=0.2)  # every RNG consumer on
+    train_run(synthetic, tmp_path / "straight", config, progress=False)
+    assert train_run(synthetic, tmp_path / "cut", config, progress=False, stop_after_epochs=1) is None
+    assert (tmp_path / "cut" / "checkpoint" / "state.json").is_file() and not runs.is_run_dir(tmp_path / "cut")
+    train_run(synthetic, tmp_path / "cut", config, progress=False, resume=True)
+    straight = files.load_tensors(tmp_path / "straight" / runs.MODEL_WEIGHTS)
+    resumed = files.load_tensors(tmp_path / "cut" / runs.MODEL_WEIGHTS)
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    metrics = [json.loads((tmp_path / name / runs.METRICS).read_text())["test"] for name in ("straight", "cut")]
+    assert metrics[0] == metrics[1]
+    assert not (tmp_path / "cut" / "checkpoint").exists()
 
 
-def test_python_api_predicts_on_uint8_and_float(trained_run, real_subset_file):
-    run_dir, _ = trained_run
-    classifier = bloodcell.load(run_dir)
-    images = data.load_npz(real_subset_file).test.images[:16]
-    probs = classifier.predict_proba(images)
-    assert probs.shape == (16, 8) and torch.allclose(probs.sum(1), torch.ones(16), atol=1e-5)
-    as_float_nhwc = images.permute(0, 2, 3, 1).float().numpy() / 255
-    assert torch.allclose(classifier.predict_proba(as_float_nhwc), probs, atol=1e-5)
-    assert set(classifier.predict(images)) <= set(data.CLASSES)
+@pytest.fixture()
+def interrupted(synthetic, tmp_path):
+    train_run(synthetic, tmp_path / "run", TINY, progress=False, stop_after_epochs=1)
+    return tmp_path / "run" / runs.CHECKPOINT
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(real_subset_file, tmp_path):
-    dataset = data.load_npz(real_subset_file)
-    config = with_overrides(PRESETS["fast"], epochs=3, ema_decay=0.9, mixup=0.2)  # every RNG consumer on
-    train_run(dataset, tmp_path / "straight", config, progress=False)
-    assert train_run(dataset, tmp_path / "interrupted", config, progress=False, stop_after_epochs=1) is None
-    assert (tmp_path / "interrupted" / "checkpoint" / "state.json").is_file()
-    assert not runs.is_run_dir(tmp_path / "interrupted")
-    train_run(dataset, tmp_path / "interrupted", config, progress=False, resume=True)
-    straight = runs.load_tensors(tmp_path / "straight" / "model.safetensors")
-    resumed = runs.load_tensors(tmp_path / "interrupted" / "model.safetensors")
-    assert straight.keys() == resumed.keys()
-    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    a = json.loads((tmp_path / "straight" / "metrics.json").read_text())["test"]["accuracy"]
-    b = json.loads((tmp_path / "interrupted" / "metrics.json").read_text())["test"]["accuracy"]
-    assert a == b
+def _resume(synthetic, folder, config=TINY):
+    return train_run(synthetic, folder.parent, config, progress=False, resume=True)
 
 
-def test_training_at_64_px_on_synthetic_data(tmp_path):
-    path = write_synthetic_npz(tmp_path / "bloodmnist_64.npz", size=64, n=(64, 16, 16))
-    run_dir = tmp_path / "run64"
-    run_cli("train", "--data-file", path, "--out", run_dir, "--preset", "fast", "--epochs", "1")
-    assert json.loads((run_dir / "model.json").read_text())["image_size"] == 64
-    assert bloodcell.load(run_dir).predict_proba(torch.zeros(2, 3, 64, 64, dtype=torch.uint8)).shape == (2, 8)
+def test_a_deleted_state_file_is_reported_not_restarted(synthetic, interrupted):
+    (interrupted / checkpoint.STATE).unlink()
+    with pytest.raises(BloodcellError, match="nothing to resume"):
+        _resume(synthetic, interrupted)
+    with pytest.raises(BloodcellError, match="incomplete"):
+        checkpoint.load(interrupted, TINY.epochs)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"tensors": "../../../etc/passwd"}, "not a checkpoint file in this folder"),
+        ({"tensors": "/tmp/state-1.safetensors"}, "not a checkpoint file in this folder"),
+        ({"epoch": 99}, "does not fit a run of 2 epochs"),
+        ({"epoch": "1"}, "does not fit a run of 2 epochs"),
+        ({"history": None}, "not a bloodcell checkpoint"),
+    ],
+)
+def test_edited_state_files_are_refused(synthetic, interrupted, change, message):
+    state = json.loads((interrupted / checkpoint.STATE).read_text())
+    for key, value in change.items():
+        if value is None:
+            del state[key]
+        else:
+            state[key] = value
+    (interrupted / checkpoint.STATE).write_text(json.dumps(state))
+    with pytest.raises(BloodcellError, match=message):
+        _resume(synthetic, interrupted)
+
+
+def test_foreign_tensors_and_other_configs_are_refused(synthetic, interrupted):
+    with pytest.raises(BloodcellError, match="different training config"):
+        _resume(synthetic, interrupted, with_overrides(TINY, lr=1e-3))
+    name = json.loads((interrupted / checkpoint.STATE).read_text())["tensors"]
+    tensors = files.load_tensors(interrupted / name)
+    foreign = {k.replace("model.features", "model.body"): v for k, v in tensors.items()}
+    files.save_tensors(interrupted / name, foreign)
+    with pytest.raises(BloodcellError, match="checkpoint does not fit this model"):
+        _resume(synthetic, interrupted)
+    (interrupted / name).write_bytes(b"garbage")
+    with pytest.raises(BloodcellError, match="not a valid safetensors"):
+        _resume(synthetic, interrupted)
+
+
+def test_config_round_trips_and_reads_the_first_release(tmp_path):
+    config = with_overrides(PRESETS["default"], epochs=7, mixup=0.2)
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert TrainConfig.from_dict(config.to_dict() | {"model_args": {}}) == config  # first release's key
+    with pytest.raises(BloodcellError, match="unknown or malformed"):
+        TrainConfig.from_dict(config.to_dict() | {"learning_speed": 3})
 
 
 def test_mixup_blends_each_image_with_one_partner():
@@ -114,3 +125,84 @@ def test_mixup_blends_each_image_with_one_partner():
     mixed, partner, weight = mixup_batch(images, 0.4, generator)
     assert 0 < weight < 1 and sorted(partner.tolist()) == [0, 1, 2, 3]
     assert torch.allclose(mixed, weight * images + (1 - weight) * images[partner])
+
+
+def test_train_cli_on_synthetic_data_at_64_px(tmp_path):
+    from tests.conftest import write_synthetic_npz
+
+    path = write_synthetic_npz(tmp_path / "bloodmnist_64.npz", size=64, n=(64, 16, 16))
+    run_dir = tmp_path / "run64"
+    result = call_cli("train", "--data-file", path, "--out", run_dir, "--preset", "fast", "--epochs", "1", "--json")
+    assert json.loads(result.stdout)["test"]["accuracy"] >= 0
+    assert json.loads((run_dir / "model.json").read_text())["preprocessing"]["image_size"] == 64
+    assert bloodcell.load(run_dir).predict_proba(torch.zeros(2, 3, 64, 64, dtype=torch.uint8)).shape == (2, 8)
+
+
+# ---------------------------------------------------------------- slow lane: the real data
+
+
+QUICK = ["--preset", "fast", "--epochs", "2"]  # two epochs: a check of the machinery, not of accuracy
+
+
+@pytest.fixture(scope="module")
+def subset_run(real_subset_file, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "quick"
+    result = run_cli("train", "--data-file", real_subset_file, "--out", run_dir, *QUICK, "--json")
+    return run_dir, json.loads(result.stdout)
+
+
+def test_train_writes_a_complete_run_directory(subset_run):
+    run_dir, printed = subset_run
+    for name in (
+        "model.safetensors",
+        "model.json",
+        "metrics.json",
+        "history.csv",
+        "learning_curves.png",
+        "confusion_test.png",
+        "reliability_test.png",
+    ):
+        assert (run_dir / name).is_file(), name
+    assert not (run_dir / "checkpoint").exists()
+    record = runs.read_record(run_dir)
+    assert record.arch == "res-small" and record.image_size == 28 and len(record.classes) == 8
+    assert record.temperature > 0 and len(record.preprocessing.mean) == 3 and record.schema == runs.SCHEMA_VERSION
+    assert record.train_config["epochs"] == 2 and record.bloodcell_version == bloodcell.__version__
+    with open(run_dir / "history.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test"]["n"] == 300 and printed["test"]["accuracy"] == metrics["test"]["accuracy"]
+
+
+def test_train_refuses_to_overwrite(subset_run, real_subset_file):
+    run_dir, _ = subset_run
+    before = (run_dir / "model.safetensors").read_bytes()
+    result = run_cli("train", "--data-file", real_subset_file, "--out", run_dir, *QUICK, check=False)
+    assert result.returncode == 1 and "use --overwrite or --resume" in result.stderr
+    assert (run_dir / "model.safetensors").read_bytes() == before
+
+
+def test_evaluate_json_matches_the_run_and_lists_its_figures(subset_run, real_subset_file, tmp_path):
+    run_dir, _ = subset_run
+    result = json.loads(run_cli("evaluate", run_dir, "--data-file", real_subset_file, "--json").stdout)
+    stored = json.loads((run_dir / "metrics.json").read_text())["test"]
+    assert result["accuracy"] == pytest.approx(stored["accuracy"])
+    low, high = result["accuracy_ci95"]
+    assert low <= result["accuracy"] <= high
+    assert {"auc_macro_ovr", "balanced_accuracy", "f1_weighted", "precision_macro", "ece", "nll"} <= set(result)
+    assert len(result["per_class"]) == 8 and sum(r["support"] for r in result["per_class"]) == 300
+    text = run_cli("evaluate", run_dir, "--data-file", real_subset_file, "--tta", "--out", tmp_path).stdout
+    assert "95% CI" in text and "immature granulocyte" in text
+    assert f"wrote {tmp_path / 'confusion_test_tta.png'}" in text
+    again = run_cli("evaluate", run_dir, "--data-file", real_subset_file, "--tta", "--out", tmp_path).stdout
+    assert f"rewrote {tmp_path / 'confusion_test_tta.png'}" in again
+
+
+def test_resume_through_the_cli_on_real_data(real_subset_file, tmp_path):
+    copy = tmp_path / "subset.npz"
+    shutil.copy(real_subset_file, copy)
+    run_dir = tmp_path / "run"
+    dataset = data.load_npz(copy)
+    train_run(dataset, run_dir, with_overrides(PRESETS["fast"], epochs=2), progress=False, stop_after_epochs=1)
+    result = run_cli("train", "--data-file", copy, "--out", run_dir, *QUICK, "--resume", "--json")
+    assert json.loads(result.stdout)["test"]["accuracy"] > 0.3

@@ -1,12 +1,13 @@
 """bloodcell: blood-cell image classification on BloodMNIST and real microscope images."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def load(run_dir, precision: str = "float32", compile: bool = False):
-    """Load a trained run: `bloodcell.load("runs/default").predict_proba(images)`.
+    """Load a trained run: `bloodcell.load("runs/default").predict_files(["cells/"])`.
 
-    `precision="bfloat16"` is about 2.5x faster for bulk inference; see Classifier.from_run.
+    `precision="bfloat16"` is about 2.5x faster for bulk inference on CPUs with AVX512-BF16 or AMX;
+    see `bloodcell.predict.Classifier.from_run`.
     """
     from bloodcell.predict import Classifier
 

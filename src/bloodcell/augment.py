@@ -6,7 +6,6 @@ Blood-cell images have no preferred orientation, so the eight symmetries of the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,13 +18,6 @@ class AugmentConfig:
     translate: int = 2  # max shift in pixels, reflect-padded
     colour: float = 0.0  # max relative brightness/contrast/saturation jitter, 0 = off
     sharpness: float = 0.0  # max unsharp-mask amount (negative = blur), 0 = off; bridges scanner/resize differences
-
-
-def to_float(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (N,3,H,W) -> normalised float32."""
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
-    return (images.float() - mean_t) / std_t
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:

@@ -1,4 +1,8 @@
-"""`bloodcell` command line: argument parsing only; every command calls plain library functions.
+"""`bloodcell` command line: a table of commands, each declared with its arguments beside its handler.
+
+A handler calls plain library functions and returns an `Output`; `main` renders it once, as text
+or (with --json) as strict JSON. Options that mirror a config dataclass (`TrainConfig`,
+`PredictOptions`) are generated from its fields, so each setting is declared in one place.
 
 Exit codes: 0 success, 1 a user-fixable error (one line on stderr), 2 bad usage (argparse);
 `predict` also returns 3 when some files could not be classified and 4 when none could.
@@ -7,132 +11,222 @@ Exit codes: 0 success, 1 a user-fixable error (one line on stderr), 2 bad usage 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+import typing
 from collections.abc import Callable, Sequence
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from bloodcell import __version__
 from bloodcell.errors import BloodcellError
+from bloodcell.files import printable, to_json
 
 EXIT_ERROR = 1
 EXIT_SOME_FAILED = 3
 EXIT_NONE_CLASSIFIED = 4
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
 
-def command(name: str):
-    """Register a handler for a sub-command."""
+@dataclass(frozen=True)
+class Output:
+    """What a command hands back: `data` for --json, `text` for people, and the exit code."""
 
-    def register(handler: Callable[[argparse.Namespace], int]):
-        COMMANDS[name] = handler
+    data: dict
+    text: str
+    exit_code: int = 0
+
+
+@dataclass(frozen=True)
+class Arg:
+    flags: tuple[str, ...]
+    options: dict
+
+
+def arg(*flags: str, **options) -> Arg:
+    return Arg(flags, options)
+
+
+# An argument item: one `arg`, a group of them, or a function returning them (for options generated
+# from config classes, so that only the chosen command's modules are imported).
+ArgItem = Arg | Sequence[Arg] | Callable[[], Sequence[Arg]]
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    arguments: tuple[ArgItem, ...]
+    handler: Callable[[argparse.Namespace], Output]
+    description: str | None = None
+    json: bool = True
+
+    def expanded_arguments(self) -> list[Arg]:
+        out: list[Arg] = []
+        for item in self.arguments:
+            out += [item] if isinstance(item, Arg) else list(item() if callable(item) else item)
+        return out
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, *arguments: ArgItem, description: str | None = None, json: bool = True):
+    """Register a handler together with its arguments."""
+
+    def register(handler: Callable[[argparse.Namespace], Output]):
+        COMMANDS[name] = Command(name, help, arguments, handler, description, json)
         return handler
 
     return register
 
 
-def emit_json(data: dict) -> None:
-    print(json.dumps(data, indent=2, default=str))
+def options_for(config_class, names: Sequence[str] | None = None, defaults: bool = True) -> list[Arg]:
+    """One `--option` per field of a config dataclass, typed, with the field's own help text.
+
+    `defaults=False` leaves unset options as None, so a preset's value stays (train's overrides).
+    """
+    hints = typing.get_type_hints(config_class)
+    args = []
+    for f in fields(config_class):
+        if (names is not None and f.name not in names) or "help" not in f.metadata:
+            continue
+        kind = [t for t in typing.get_args(hints[f.name]) if t is not type(None)] or [hints[f.name]]
+        default = f.default if f.default is not MISSING else None
+        options = {"help": f.metadata["help"], "dest": f.name}
+        if kind[0] is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["type"] = kind[0]
+            options["metavar"] = f.name.upper()
+        if f.metadata.get("choices"):
+            options["choices"] = list(f.metadata["choices"]())
+            options.pop("metavar", None)
+        if defaults:
+            options["default"] = default
+            if default not in (None, False):
+                options["help"] += f" (default {default})"
+        else:
+            options["default"] = None
+        args.append(arg(f"--{f.name.replace('_', '-')}", **options))
+    return args
 
 
-def _load_dataset(args: argparse.Namespace):
-    from bloodcell import data
+def config_values(config_class, args: argparse.Namespace) -> dict:
+    """The parsed values of the options `options_for(config_class)` generated."""
+    return {f.name: getattr(args, f.name) for f in fields(config_class) if hasattr(args, f.name)}
 
-    return data.load(args.data_dir, size=getattr(args, "size", 28), data_file=args.data_file)
 
+# ---------------------------------------------------------------- shared arguments
 
-def _data_options(p: argparse.ArgumentParser, size: bool = True) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument(
+DATA = (
+    arg(
         "--data-dir",
         help="folder holding bloodmnist*.npz (default: $BLOODCELL_DATA_DIR, else ~/.medmnist); "
         "the official file is downloaded there if missing",
-    )
-    g.add_argument("--data-file", help="use this BloodMNIST-format .npz instead of the official file")
-    if size:
-        g.add_argument("--size", type=int, default=28, choices=(28, 64, 128, 224), help="image size (default 28)")
-
-
-def _json_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
-
-
-def _inference_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
+    ),
+    arg("--data-file", help="use this BloodMNIST-format .npz instead of the official file"),
+)
+SIZE = arg("--size", type=int, default=28, choices=(28, 64, 128, 224), help="image size (default 28)")
+RUN = arg("run_dir", help="run directory written by `bloodcell train`")
+INFERENCE = (
+    arg(
         "--precision",
         choices=("float32", "bfloat16"),
         default="float32",
         help="inference precision; bfloat16 is about 2.5x faster on CPUs with AVX512-BF16/AMX (default float32)",
-    )
-    p.add_argument(
+    ),
+    arg(
         "--compile",
         action="store_true",
         help="torch.compile the model first (about 10 s; helps wide models, not the default res-small)",
-    )
+    ),
+)
 
 
-def _image_file_options(p: argparse.ArgumentParser) -> None:
-    """How full-size cell images are classified (`predict` and `serve`)."""
-    p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations")
-    p.add_argument(
-        "--min-confidence",
-        type=float,
-        default=0.8,
-        help="flag images whose top probability is below this for review (default 0.8)",
-    )
-    p.add_argument(
-        "--crop",
-        default="medmnist",
-        help="'medmnist' (the BloodMNIST geometry, default), 'none' (largest centred square) or a fraction",
-    )
+def _seed(default: int = 42) -> Arg:
+    return arg("--seed", type=int, default=default, help=f"random seed (default {default})")
 
 
-def _seed_option(p: argparse.ArgumentParser, default: int = 42) -> None:
-    p.add_argument("--seed", type=int, default=default, help=f"random seed (default {default})")
+def _dataset(args: argparse.Namespace, size: int | None = None):
+    from bloodcell import data
+
+    return data.load(args.data_dir, size=size or getattr(args, "size", 28), data_file=args.data_file)
+
+
+def _classifier(args: argparse.Namespace):
+    from bloodcell.predict import Classifier
+
+    return Classifier.from_run(args.run_dir, getattr(args, "precision", "float32"), getattr(args, "compile", False))
+
+
+def _wrote(paths: Sequence[Path], existed: set[Path] = frozenset()) -> str:
+    return "\n".join(f"{'rewrote' if Path(p) in existed else 'wrote'} {printable(p)}" for p in paths)
 
 
 # ---------------------------------------------------------------- info / explore
 
 
-@command("info")
-def cmd_info(args: argparse.Namespace) -> int:
+@command("info", "show the data file, its MD5 and the per-split class counts", DATA, SIZE)
+def cmd_info(args: argparse.Namespace) -> Output:
     from bloodcell.explore import count_table, format_count_table
 
-    dataset = _load_dataset(args)
+    dataset = _dataset(args)
     counts = count_table(dataset)
-    if args.json:
-        emit_json({**dataset.provenance(), "counts": counts})
-        return 0
-    print(f"file        {dataset.path}")
-    print(f"md5         {dataset.md5} ({'official' if dataset.official else 'NOT the official file'})")
-    print(f"image size  {dataset.image_size} x {dataset.image_size} px, RGB")
-    print()
-    print(format_count_table(counts))
-    return 0
+    text = "\n".join(
+        [
+            f"file        {printable(dataset.path)}",
+            f"md5         {dataset.md5} ({'official' if dataset.official else 'NOT the official file'})",
+            f"image size  {dataset.image_size} x {dataset.image_size} px, RGB",
+            "",
+            format_count_table(counts),
+        ]
+    )
+    return Output({**dataset.provenance(), "counts": counts}, text)
 
 
-@command("explore")
-def cmd_explore(args: argparse.Namespace) -> int:
+@command(
+    "explore",
+    "write the study's data figures (montage, distribution, examples)",
+    DATA,
+    SIZE,
+    arg("--out", default="explore", help="output folder (default ./explore)"),
+    _seed(),
+)
+def cmd_explore(args: argparse.Namespace) -> Output:
     from bloodcell.explore import count_table, explore, format_count_table
 
-    dataset = _load_dataset(args)
+    dataset = _dataset(args)
     paths = explore(dataset, Path(args.out), seed=args.seed)
-    if args.json:
-        emit_json({"counts": count_table(dataset), "figures": [str(p) for p in paths]})
-        return 0
-    print(format_count_table(count_table(dataset)))
-    print()
-    for path in paths:
-        print(f"wrote {path}")
-    return 0
+    counts = count_table(dataset)
+    return Output(
+        {"counts": counts, "figures": [str(p) for p in paths]}, f"{format_count_table(counts)}\n\n{_wrote(paths)}"
+    )
 
 
 # ---------------------------------------------------------------- the seed study
 
 
-@command("reproduce")
-def cmd_reproduce(args: argparse.Namespace) -> int:
+@command(
+    "reproduce",
+    "rerun the seed study: baseline and CNN, k-fold CV on train+val, every fold model scored on test",
+    DATA,
+    SIZE,
+    arg("--out", default="study", help="output folder (default ./study)"),
+    arg("--folds", type=int, default=5, help="cross-validation folds (default 5)"),
+    arg("--epochs", type=int, default=5, help="epochs per fold (default 5)"),
+    arg("--batch-size", type=int, default=128, help="batch size (default 128)"),
+    arg("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)"),
+    arg("--subset", type=int, help="use a stratified subset of this many train+val images (quick runs)"),
+    arg(
+        "--protocol",
+        choices=("both", "study", "independent"),
+        default="both",
+        help="study: one model trained on through the folds, as the study's code did (reproduces its numbers); "
+        "independent: a fresh model per fold (correct CV); both (default): side by side",
+    ),
+    _seed(),
+)
+def cmd_reproduce(args: argparse.Namespace) -> Output:
     from bloodcell.study import PROTOCOLS, StudyConfig, markdown_table, reproduce, results_table
 
     config = StudyConfig(
@@ -144,18 +238,36 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         subset=args.subset,
         protocols=tuple(PROTOCOLS) if args.protocol == "both" else (args.protocol,),
     )
-    summary = reproduce(_load_dataset(args), Path(args.out), config)
-    if args.json:
-        emit_json(summary)
-        return 0
+    summary = reproduce(_dataset(args), Path(args.out), config)
     header, rows = results_table(summary["models"])
-    print(markdown_table(header, rows))
-    print(f"{summary['runtime_seconds']:.0f} s; wrote {args.out}/results.{{json,md,png}}, curves, confusion matrices")
-    return 0
+    text = markdown_table(header, rows) + (
+        f"{summary['runtime_seconds']:.0f} s; wrote {printable(args.out)}/results.{{json,md,png}}, curves, "
+        "confusion matrices"
+    )
+    return Output(summary, text)
 
 
-@command("tune")
-def cmd_tune(args: argparse.Namespace) -> int:
+@command(
+    "tune",
+    "hyper-parameter search (the study's grid, or TPE), resumable via Optuna storage",
+    DATA,
+    SIZE,
+    arg("--out", default="tune", help="output folder (default ./tune)"),
+    arg("--model", default="seed-cnn", help="model to tune (default seed-cnn)"),
+    arg(
+        "--grid",
+        help="'study' (batch 64/128/256 x epochs 30/50 x lr 1e-3/1e-2/1e-1, the default) or "
+        "'batch_size=64,128;max_epochs=30;lr=1e-3,1e-2'",
+    ),
+    arg("--trials", type=int, help="without --grid: run a TPE search of N trials; with it: at most N points"),
+    arg("--storage", help="Optuna storage URL shared by workers (default sqlite:///OUT/tune.db)"),
+    arg("--folds", type=int, default=5, help="CV folds per trial (default 5)"),
+    arg("--max-epochs", type=int, help="cap every trial's epochs (quick looks)"),
+    arg("--patience", type=int, default=5, help="early-stopping patience on validation loss (default 5)"),
+    arg("--subset", type=int, help="use a stratified subset of this many train+val images"),
+    _seed(),
+)
+def cmd_tune(args: argparse.Namespace) -> Output:
     from bloodcell.tune import TuneConfig, parse_grid, tune
 
     config = TuneConfig(
@@ -168,103 +280,130 @@ def cmd_tune(args: argparse.Namespace) -> int:
         seed=args.seed,
         subset=args.subset,
     )
-    result = tune(_load_dataset(args), Path(args.out), config, storage=args.storage)
-    if args.json:
-        emit_json(result)
-        return 0
-    for row in result["results"][:10]:
-        print("  ".join(f"{k}={v}" for k, v in row.items()))
-    print(f"best: {result['params']} (CV accuracy {result['cv_accuracy']:.4f}); wrote {args.out}/tune_results.csv")
-    return 0
+    result = tune(_dataset(args), Path(args.out), config, storage=args.storage)
+    lines = ["  ".join(f"{k}={v}" for k, v in row.items()) for row in result["results"][:10]]
+    lines.append(
+        f"best: {result['params']} (CV accuracy {result['cv_accuracy']:.4f}); "
+        f"wrote {printable(args.out)}/tune_results.csv"
+    )
+    return Output(result, "\n".join(lines))
 
 
 # ---------------------------------------------------------------- train / evaluate
 
 
-@command("train")
-def cmd_train(args: argparse.Namespace) -> int:
-    from bloodcell.pipeline import headline, train_run
-    from bloodcell.train import PRESETS, with_overrides
+def _train_arguments() -> list[Arg]:
+    from bloodcell.train import PRESETS, TrainConfig
 
-    config = with_overrides(
-        PRESETS[args.preset],
-        model=args.model,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
+    return [
+        *DATA,
+        SIZE,
+        arg("--out", default="runs/default", help="run directory (default runs/default)"),
+        arg(
+            "--preset",
+            default="default",
+            choices=list(PRESETS),
+            help="recipe: default (best), fast (under two minutes), study (the seed CNN's); "
+            "the options below override single settings",
+        ),
+        *options_for(TrainConfig, defaults=False),
+        arg("--resume", action="store_true", help="continue an interrupted run in --out from its checkpoint"),
+        arg("--overwrite", action="store_true", help="replace an existing run in --out"),
+    ]
+
+
+@command("train", "train a model (default: bloodcell's recommended recipe) into a run directory", _train_arguments)
+def cmd_train(args: argparse.Namespace) -> Output:
+    from bloodcell import metrics
+    from bloodcell.pipeline import train_run
+    from bloodcell.runs import check_run_dir
+    from bloodcell.train import PRESETS, TrainConfig, with_overrides
+
+    config = with_overrides(PRESETS[args.preset], **config_values(TrainConfig, args))
+    check_run_dir(args.out, overwrite=args.overwrite, resume=args.resume)  # before loading any data
+    scores = train_run(_dataset(args), Path(args.out), config, resume=args.resume, overwrite=args.overwrite)
+    text = [metrics.format_headline(split, scores[split]) for split in ("val", "test", "test_tta")]
+    text.append(f"wrote run to {printable(args.out)}")
+    data = {"run_dir": args.out, **{k: metrics.headline(v) for k, v in scores.items()}}
+    return Output(data, "\n".join(text))
+
+
+@command(
+    "evaluate",
+    "score a trained run on a split: metrics, per-class table, CI, figures",
+    RUN,
+    DATA,
+    arg("--split", default="test", choices=("train", "val", "test"), help="split (default test)"),
+    arg("--tta", action="store_true", help="average over the 8 flips/rotations"),
+    arg("--out", help="folder for the figures (default: the run directory)"),
+    INFERENCE,
+)
+def cmd_evaluate(args: argparse.Namespace) -> Output:
+    from bloodcell.evaluate import evaluate, format_metrics, write_figures
+
+    classifier = _classifier(args)
+    split = _dataset(args, classifier.image_size).split(args.split)
+    logits = classifier.logits(split.images, tta=args.tta)
+    result = evaluate(classifier, split, tta=args.tta, logits=logits)
+    folder = Path(args.out or args.run_dir)
+    existed = {p for p in folder.glob("*.png")} if folder.is_dir() else set()
+    figures = write_figures(classifier, split, result, folder, args.split, logits=logits)
+    text = (
+        f"{printable(args.run_dir)}: {args.split} split{' with TTA' if args.tta else ''}\n"
+        f"{format_metrics(result)}\n\n{_wrote(figures, existed)}"
     )
-    metrics = train_run(_load_dataset(args), Path(args.out), config, resume=args.resume, overwrite=args.overwrite)
-    if args.json:
-        emit_json({"run_dir": args.out, **{k: headline(v) for k, v in metrics.items()}})
-        return 0
-    for split in ("val", "test", "test_tta"):
-        m = metrics[split]
-        print(f"{split:<9} accuracy {m['accuracy']:.4f}  macro AUC {m['auc_macro_ovr']:.4f}  ECE {m['ece']:.4f}")
-    print(f"wrote run to {args.out}")
-    return 0
+    return Output(result | {"figures": [str(p) for p in figures]}, text)
 
 
-@command("evaluate")
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from bloodcell import data
-    from bloodcell.evaluate import evaluate, format_metrics
-    from bloodcell.predict import Classifier
-
-    classifier = Classifier.from_run(args.run_dir, args.precision, args.compile)
-    dataset = data.load(args.data_dir, size=classifier.image_size, data_file=args.data_file)
-    result = evaluate(
-        classifier, dataset.split(args.split), tta=args.tta, figures_dir=Path(args.out or args.run_dir), name=args.split
-    )
-    if args.json:
-        emit_json(result)
-        return 0
-    print(f"{args.run_dir}: {args.split} split{' with TTA' if args.tta else ''}")
-    print(format_metrics(result))
-    return 0
+# ---------------------------------------------------------------- predict / serve
 
 
-# ---------------------------------------------------------------- predict
+def _prediction_options(args: argparse.Namespace):
+    from bloodcell.predict import PredictOptions
+
+    return PredictOptions(**config_values(PredictOptions, args))
 
 
-@command("predict")
-def cmd_predict(args: argparse.Namespace) -> int:
-    from bloodcell.predict import Classifier, differential
-    from bloodcell.runs import write_csv
+def _predict_arguments() -> list[Arg]:
+    from bloodcell.predict import PredictOptions
 
-    classifier = Classifier.from_run(args.run_dir, args.precision, args.compile)
-    records = classifier.predict_files(
-        args.paths,
-        crop=args.crop,
-        tta=args.tta,
-        top_k=args.top_k,
-        min_confidence=args.min_confidence,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        progress=not args.json,
-    )
+    return [
+        RUN,
+        arg("paths", nargs="+", help="image files or folders (searched recursively)"),
+        arg("--csv", help="also write one row per image to this CSV file"),
+        *options_for(PredictOptions),
+        *INFERENCE,
+    ]
+
+
+@command(
+    "predict",
+    "classify image files/folders with a trained run and print the differential count",
+    _predict_arguments,
+    description="Classify cell images (JPEG/PNG/BMP/TIFF, one cell per image, any size). Exit codes: 0 all "
+    "classified, 3 some files could not be read (error rows), 4 none could, 1 other errors.",
+)
+def cmd_predict(args: argparse.Namespace) -> Output:
+    from bloodcell.differential import differential, format_differential
+    from bloodcell.files import write_csv
+
+    classifier = _classifier(args)
+    records = classifier.predict_files(args.paths, _prediction_options(args), progress=not args.json)
     if not records:
         raise BloodcellError(f"no image files found in {' '.join(args.paths)}")
     summary = differential(records, classifier.classes)
     if args.csv:
         write_csv(Path(args.csv), [_csv_row(r) for r in records])
-    if args.json:
-        emit_json({"records": records, "summary": summary})
-    else:
-        _print_predictions(records, summary)
-    if summary["classified"] == 0:
-        return EXIT_NONE_CLASSIFIED
-    return EXIT_SOME_FAILED if summary["failed"] else 0
+    lines = [_prediction_line(r) for r in records] + ["", format_differential(summary)]
+    exit_code = EXIT_NONE_CLASSIFIED if summary["classified"] == 0 else EXIT_SOME_FAILED if summary["failed"] else 0
+    return Output({"records": records, "summary": summary}, "\n".join(lines), exit_code)
 
 
-@command("serve")
-def cmd_serve(args: argparse.Namespace) -> int:
-    from bloodcell.predict import Classifier
-    from bloodcell.serve import serve
-
-    classifier = Classifier.from_run(args.run_dir, args.precision, args.compile)
-    serve(classifier, args.host, args.port, crop=args.crop, tta=args.tta, min_confidence=args.min_confidence)
-    return 0
+def _prediction_line(record: dict) -> str:
+    path = printable(record["path"])
+    if record["error"]:
+        return f"{path}\tERROR\t{printable(record['error'])}"
+    return f"{path}\t{record['class']}\t{record['probability']:.4f}{chr(9) + 'review' if record['review'] else ''}"
 
 
 def _csv_row(record: dict) -> dict:
@@ -272,42 +411,58 @@ def _csv_row(record: dict) -> dict:
     return {k: record[k] for k in ("path", "class", "probability", "review", "error")} | {"top_k": top}
 
 
-def _print_predictions(records: list[dict], summary: dict) -> None:
-    for r in records:
-        if r["error"]:
-            print(f"{r['path']}\tERROR\t{r['error']}")
-        else:
-            flag = "\treview" if r["review"] else ""
-            print(f"{r['path']}\t{r['class']}\t{r['probability']:.4f}{flag}")
-    print()
-    print(
-        f"{summary['classified']} of {summary['images']} images classified, "
-        f"{summary['flagged_for_review']} flagged for review, {summary['failed']} failed"
-    )
-    print(f"{'class':<22}{'count':>7}{'%':>8}")
-    for name, row in summary["per_class"].items():
-        print(f"{name:<22}{row['count']:>7}{row['percent']:>8.1f}")
-    if summary["white_cells"]:
-        print(f"\nwhite-cell differential ({summary['white_cells']} white cells)")
-        for name, row in summary["white_cell_differential"].items():
-            print(f"{name:<22}{row['count']:>7}{row['percent']:>8.1f}")
-        print(f"erythroblasts per 100 white cells: {summary['erythroblasts_per_100_wbc']:.1f}")
-    print(f"platelets (counted apart): {summary['platelets']}")
+def _serve_arguments() -> list[Arg]:
+    from bloodcell.predict import PredictOptions
+
+    return [
+        RUN,
+        arg("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1, this machine only)"),
+        arg("--port", type=int, default=8000, help="port (default 8000)"),
+        *options_for(PredictOptions, ("crop", "tta", "min_confidence", "top_k")),  # a request can override some
+        *INFERENCE,
+    ]
+
+
+@command(
+    "serve",
+    "serve a trained run over HTTP (POST /predict with image files; docs at /docs)",
+    _serve_arguments,
+    description="An HTTP API for lab software: GET /health, POST /predict (multipart image files) returning "
+    "the same records and differential count as `predict --json`. Needs `pip install 'bloodcell[serve]'`.",
+    json=False,
+)
+def cmd_serve(args: argparse.Namespace) -> Output:
+    from bloodcell.serve import serve
+
+    serve(_classifier(args), _prediction_options(args), args.host, args.port)
+    return Output({}, "")
 
 
 # ---------------------------------------------------------------- explain / report
 
 
-@command("explain")
-def cmd_explain(args: argparse.Namespace) -> int:
-    from bloodcell import data, explain
-    from bloodcell.predict import Classifier
+@command(
+    "explain",
+    "Grad-CAM heat maps for image files/folders or dataset images",
+    RUN,
+    arg("images", nargs="*", help="full-size image files or folders (preprocessed as in `predict`)"),
+    arg("--out", default="explain", help="output folder for the PNGs (default ./explain)"),
+    arg("--class", dest="class_name", help="explain this class instead of the predicted one"),
+    arg("--split", default="test", choices=("train", "val", "test"), help="split for --index"),
+    arg("--index", type=int, nargs="+", help="dataset image indices in --split"),
+    arg("--crop", help="framing for image files, as in `predict` (default: the run's)"),
+    DATA,
+)
+def cmd_explain(args: argparse.Namespace) -> Output:
+    from bloodcell import explain, preprocess
 
-    classifier = Classifier.from_run(args.run_dir)
+    classifier = _classifier(args)
     out = Path(args.out)
-    written = [explain.explain_file(classifier, Path(p), out, args.class_name, args.crop) for p in args.images]
+    written = []
+    for path in preprocess.find_images(args.images):
+        written.append(explain.explain_file(classifier, path, out, args.class_name, args.crop, taken=written))
     if args.index:
-        split = data.load(args.data_dir, size=classifier.image_size, data_file=args.data_file).split(args.split)
+        split = _dataset(args, classifier.image_size).split(args.split)
         for index in args.index:
             if not 0 <= index < len(split):
                 raise BloodcellError(f"--index {index} is outside the {args.split} split (0..{len(split) - 1})")
@@ -318,182 +473,77 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 explain.render(classifier, explanation, image, out / f"{args.split}_{index}_gradcam.png", source)
             )
     if not written:
-        raise BloodcellError("nothing to explain: give image files and/or --index")
-    if args.json:
-        emit_json({"figures": [str(p) for p in written]})
-    else:
-        for path in written:
-            print(f"wrote {path}")
-    return 0
+        raise BloodcellError("nothing to explain: give image files or folders and/or --index")
+    return Output({"figures": [str(p) for p in written]}, _wrote(written))
 
 
-@command("report")
-def cmd_report(args: argparse.Namespace) -> int:
-    from bloodcell import data, report
+@command(
+    "report",
+    "one self-contained HTML report for a run (or a `reproduce` folder)",
+    arg("run_dir", help="run directory, or an output folder of `bloodcell reproduce`"),
+    arg("--out", help="HTML file (default RUN_DIR/report.html)"),
+    DATA,
+)
+def cmd_report(args: argparse.Namespace) -> Output:
+    from bloodcell import report
 
     run_dir = Path(args.run_dir)
     out = Path(args.out or run_dir / "report.html")
     if (run_dir / "results.json").is_file():
         path = report.study_report(run_dir, out)
     else:
-        from bloodcell.predict import Classifier
-
-        classifier = Classifier.from_run(run_dir)
-        dataset = data.load(args.data_dir, size=classifier.image_size, data_file=args.data_file)
-        path = report.run_report(run_dir, dataset, out)
+        classifier = _classifier(args)
+        path = report.run_report(classifier, run_dir, _dataset(args, classifier.image_size), out)
     size = path.stat().st_size
-    if args.json:
-        emit_json({"report": str(path), "bytes": size})
-    else:
-        print(f"wrote {path} ({size / 1e6:.1f} MB)")
-    return 0
+    return Output({"report": str(path), "bytes": size}, f"wrote {printable(path)} ({size / 1e6:.1f} MB)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `only`, just that command gets its arguments (the others are listed by name)."""
     parser = argparse.ArgumentParser(
-        prog="bloodcell",
-        description="Classify peripheral blood cell images into the eight BloodMNIST classes.",
+        prog="bloodcell", description="Classify peripheral blood cell images into the eight BloodMNIST classes."
     )
     parser.add_argument("--version", action="version", version=f"bloodcell {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("info", help="show the data file, its MD5 and the per-split class counts")
-    _data_options(p)
-    _json_option(p)
-
-    p = sub.add_parser("explore", help="write the study's data figures (montage, distribution, examples)")
-    _data_options(p)
-    p.add_argument("--out", default="explore", help="output folder (default ./explore)")
-    _seed_option(p)
-    _json_option(p)
-    p = sub.add_parser(
-        "reproduce",
-        help="rerun the seed study: baseline and CNN, k-fold CV on train+val, every fold model scored on test",
-    )
-    _data_options(p)
-    p.add_argument("--out", default="study", help="output folder (default ./study)")
-    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
-    p.add_argument("--epochs", type=int, default=5, help="epochs per fold (default 5)")
-    p.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--subset", type=int, help="use a stratified subset of this many train+val images (quick runs)")
-    p.add_argument(
-        "--protocol",
-        choices=("both", "study", "independent"),
-        default="both",
-        help="study: one model trained on through the folds, as the study's code did (reproduces its numbers); "
-        "independent: a fresh model per fold (correct CV); both (default): side by side",
-    )
-    _seed_option(p)
-    _json_option(p)
-
-    p = sub.add_parser("tune", help="hyper-parameter search (the study's grid, or TPE), resumable via Optuna storage")
-    _data_options(p)
-    p.add_argument("--out", default="tune", help="output folder (default ./tune)")
-    p.add_argument("--model", default="seed-cnn", help="model to tune (default seed-cnn)")
-    p.add_argument(
-        "--grid",
-        help="'study' (batch 64/128/256 x epochs 30/50 x lr 1e-3/1e-2/1e-1, the default) or "
-        "'batch_size=64,128;max_epochs=30;lr=1e-3,1e-2'",
-    )
-    p.add_argument("--trials", type=int, help="without --grid: run a TPE search of N trials; with it: at most N points")
-    p.add_argument("--storage", help="Optuna storage URL shared by workers (default sqlite:///OUT/tune.db)")
-    p.add_argument("--folds", type=int, default=5, help="CV folds per trial (default 5)")
-    p.add_argument("--max-epochs", type=int, help="cap every trial's epochs (quick looks)")
-    p.add_argument("--patience", type=int, default=5, help="early-stopping patience on validation loss (default 5)")
-    p.add_argument("--subset", type=int, help="use a stratified subset of this many train+val images")
-    _seed_option(p)
-    _json_option(p)
-
-    p = sub.add_parser("train", help="train a model (default: bloodcell's recommended recipe) into a run directory")
-    _data_options(p)
-    p.add_argument("--out", default="runs/default", help="run directory (default runs/default)")
-    p.add_argument(
-        "--preset",
-        default="default",
-        choices=("default", "fast", "study"),
-        help="recipe: default (best), fast (under two minutes), study (the seed CNN's)",
-    )
-    p.add_argument("--model", help="architecture from the registry (overrides the preset's)")
-    p.add_argument("--epochs", type=int, help="epochs (overrides the preset's)")
-    p.add_argument("--batch-size", type=int, help="batch size (overrides the preset's)")
-    p.add_argument("--lr", type=float, help="peak learning rate (overrides the preset's)")
-    p.add_argument("--seed", type=int, help="random seed (default 42)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    _json_option(p)
-
-    p = sub.add_parser("evaluate", help="score a trained run on a split: metrics, per-class table, CI, figures")
-    p.add_argument("run_dir", help="run directory written by `bloodcell train`")
-    _data_options(p, size=False)
-    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split (default test)")
-    p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations")
-    p.add_argument("--out", help="folder for the figures (default: the run directory)")
-    _inference_options(p)
-    _json_option(p)
-
-    p = sub.add_parser(
-        "predict",
-        help="classify image files/folders with a trained run and print the differential count",
-        description="Classify cell images (JPEG/PNG/BMP/TIFF, one cell per image, any size). Exit codes: 0 all "
-        "classified, 3 some files could not be read (error rows), 4 none could, 1 other errors.",
-    )
-    p.add_argument("run_dir", help="run directory written by `bloodcell train`")
-    p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--csv", help="also write one row per image to this CSV file")
-    p.add_argument("--top-k", type=int, default=3, help="classes listed per image (default 3)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per inference batch (default 256)")
-    p.add_argument("--workers", type=int, help="image-decoding threads (default: 2 x CPU cores, at most 8)")
-    _image_file_options(p)
-    _inference_options(p)
-    _json_option(p)
-
-    p = sub.add_parser(
-        "serve",
-        help="serve a trained run over HTTP (POST /predict with image files; docs at /docs)",
-        description="An HTTP API for lab software: GET /health, POST /predict (multipart image files) returning "
-        "the same records and differential count as `predict --json`. Needs `pip install 'bloodcell[serve]'`.",
-    )
-    p.add_argument("run_dir", help="run directory written by `bloodcell train`")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    _image_file_options(p)  # the server's defaults; a request can set tta and min_confidence
-    _inference_options(p)
-
-    p = sub.add_parser("explain", help="Grad-CAM heat maps for image files or dataset images")
-    p.add_argument("run_dir", help="run directory written by `bloodcell train`")
-    p.add_argument("images", nargs="*", help="full-size image files (preprocessed as in `predict`)")
-    p.add_argument("--out", default="explain", help="output folder for the PNGs (default ./explain)")
-    p.add_argument("--class", dest="class_name", help="explain this class instead of the predicted one")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split for --index")
-    p.add_argument("--index", type=int, nargs="+", help="dataset image indices in --split")
-    p.add_argument("--crop", default="medmnist", help="crop for image files, as in `predict`")
-    _data_options(p, size=False)
-    _json_option(p)
-
-    p = sub.add_parser("report", help="one self-contained HTML report for a run (or a `reproduce` folder)")
-    p.add_argument("run_dir", help="run directory, or an output folder of `bloodcell reproduce`")
-    p.add_argument("--out", help="HTML file (default RUN_DIR/report.html)")
-    _data_options(p, size=False)
-    _json_option(p)
+    for spec in COMMANDS.values():
+        p = sub.add_parser(spec.name, help=spec.help, description=spec.description or spec.help)
+        if only not in (None, spec.name):
+            continue
+        for a in spec.expanded_arguments():
+            p.add_argument(*a.flags, **a.options)
+        if spec.json:
+            p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    threads = os.environ.get("BLOODCELL_THREADS")
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(chosen if chosen in COMMANDS else None).parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        _set_threads()
+        output = COMMANDS[args.command].handler(args)
     except BloodcellError as exc:
-        print(f"bloodcell: error: {exc}", file=sys.stderr)
+        print(f"bloodcell: error: {printable(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("bloodcell: interrupted", file=sys.stderr)
         return 130
+    if getattr(args, "json", False):
+        print(to_json(output.data))
+    elif output.text:
+        print(output.text)
+    return output.exit_code
+
+
+def _set_threads() -> None:
+    threads = os.environ.get("BLOODCELL_THREADS")
+    if threads:
+        if not threads.isdigit() or int(threads) < 1:
+            raise BloodcellError(f"BLOODCELL_THREADS must be a positive whole number, got {threads!r}")
+        import torch
+
+        torch.set_num_threads(int(threads))
 
 
 if __name__ == "__main__":

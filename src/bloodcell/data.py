@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from bloodcell.errors import BloodcellError
+from bloodcell.files import FILE_MODE
 
 CLASSES: tuple[str, ...] = (
     "basophil",
@@ -33,6 +34,7 @@ CLASSES: tuple[str, ...] = (
 )
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 OFFICIAL_SPLIT_SIZES = {"train": 11959, "val": 1712, "test": 3421}
+MIN_IMAGE_SIZE = 8  # the residual models pool three times; smaller images cannot be trained on
 DATA_DIR_ENV = "BLOODCELL_DATA_DIR"
 DEFAULT_DATA_DIR = Path("~/.medmnist")  # the medmnist package's cache: reuse its downloads
 
@@ -113,6 +115,23 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     return Path(chosen).expanduser()
 
 
+def checked_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """The data folder, checked: a folder the user named must exist (a typo is not silently created
+    as an empty folder); only the default cache folder is created on first use."""
+    folder = resolve_data_dir(data_dir)
+    named = data_dir or os.environ.get(DATA_DIR_ENV)
+    source = "--data-dir" if data_dir else f"${DATA_DIR_ENV}"
+    if folder.exists() and not folder.is_dir():
+        raise BloodcellError(f"{folder}: is a file, not a folder ({source if named else 'default data folder'})")
+    if not folder.exists():
+        if named:
+            raise BloodcellError(f"{folder}: folder does not exist ({source})")
+        folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise BloodcellError(f"{folder}: permission denied")
+    return folder
+
+
 def official_file(size: int) -> OfficialFile:
     if size not in OFFICIAL_FILES:
         sizes = ", ".join(map(str, OFFICIAL_FILES))
@@ -133,7 +152,6 @@ def download(url: str, target: Path, md5: str) -> Path:
 
     A failed or interrupted download leaves nothing at `target`.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     tmp = Path(tmp_name)
     try:
@@ -146,6 +164,7 @@ def download(url: str, target: Path, md5: str) -> Path:
         got = md5_of(tmp)
         if got != md5:
             raise BloodcellError(f"{url}: downloaded file has MD5 {got}, expected {md5}")
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, target)
         return target
     except (urllib.error.URLError, OSError) as exc:
@@ -157,12 +176,37 @@ def download(url: str, target: Path, md5: str) -> Path:
         tmp.unlink(missing_ok=True)
 
 
+def _check_headers(path: Path) -> None:
+    """Read every array's header before any data: a corrupt or hostile header cannot make us
+    allocate more than the file holds (one declaring 214 TiB is refused here, in microseconds)."""
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            with archive.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
+                shape, _, dtype = read_header(f)
+            if dtype.hasobject:
+                raise BloodcellError(f"{path}: {info.filename} holds Python objects (pickled data); refused")
+            declared = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+            if declared > info.file_size:
+                raise BloodcellError(
+                    f"{path}: {info.filename} declares {declared:,} bytes but holds {info.file_size:,}: "
+                    "truncated or corrupt"
+                )
+
+
 def _validate_split(path: Path, npz, split: str, size: int | None) -> Split:
     images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
+    if len(images) == 0 or len(labels) == 0:
+        raise BloodcellError(f"{path}: {split} split is empty")
     if images.dtype != np.uint8:
         raise BloodcellError(f"{path}: {split}_images has dtype {images.dtype}, expected uint8")
     if images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2]:
         raise BloodcellError(f"{path}: {split}_images has shape {images.shape}, expected (N, H, H, 3)")
+    if images.shape[1] < MIN_IMAGE_SIZE:
+        raise BloodcellError(f"{path}: {split}_images are {images.shape[1]} px, at least {MIN_IMAGE_SIZE} px needed")
     if size is not None and images.shape[1] != size:
         raise BloodcellError(f"{path}: {split}_images are {images.shape[1]} px, expected {size} px")
     labels = labels.reshape(len(labels), -1)
@@ -171,8 +215,6 @@ def _validate_split(path: Path, npz, split: str, size: int | None) -> Split:
     labels = labels[:, 0].astype(np.int64)
     if len(labels) != len(images):
         raise BloodcellError(f"{path}: {split} has {len(images)} images but {len(labels)} labels")
-    if len(labels) == 0:
-        raise BloodcellError(f"{path}: {split} split is empty")
     if labels.min() < 0 or labels.max() >= len(CLASSES):
         raise BloodcellError(f"{path}: {split}_labels outside 0..{len(CLASSES) - 1}")
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
@@ -183,8 +225,13 @@ def load_npz(path: str | os.PathLike, size: int | None = None, expected_md5: str
     """Load and validate a BloodMNIST-format npz; every problem is one BloodcellError line."""
     path = Path(path)
     if not path.is_file():
-        raise BloodcellError(f"{path}: file not found")
+        raise BloodcellError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
+    if not os.access(path, os.R_OK):
+        raise BloodcellError(f"{path}: permission denied")
+    if not zipfile.is_zipfile(path):
+        raise BloodcellError(f"{path}: not an .npz file (no zip archive inside): truncated or corrupt")
     try:
+        _check_headers(path)
         with np.load(path, allow_pickle=False) as npz:
             missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in npz]
             if missing:
@@ -215,15 +262,12 @@ def load(
     data_dir: str | os.PathLike | None = None,
     size: int = 28,
     data_file: str | os.PathLike | None = None,
-    download_missing: bool = True,
 ) -> Dataset:
     """The dataset at `size` px: the official file (downloaded if missing) or `data_file`."""
     if data_file is not None:
         return load_npz(data_file, size=None)
     spec = official_file(size)
-    path = resolve_data_dir(data_dir) / spec.name
+    path = checked_data_dir(data_dir) / spec.name
     if not path.exists():
-        if not download_missing:
-            raise BloodcellError(f"{path}: file not found")
         download(spec.url, path, spec.md5)
     return load_npz(path, size=size, expected_md5=spec.md5)

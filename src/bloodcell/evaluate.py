@@ -12,25 +12,21 @@ from bloodcell.data import Split
 from bloodcell.predict import Classifier
 
 
-def evaluate(
-    classifier: Classifier,
-    split: Split,
-    tta: bool = False,
-    figures_dir: Path | None = None,
-    name: str = "test",
-    logits: torch.Tensor | None = None,
-) -> dict:
-    """Headline metrics (calibrated and raw), per-class table, accuracy CI; optional PNGs."""
+def evaluate(classifier: Classifier, split: Split, tta: bool = False, logits: torch.Tensor | None = None) -> dict:
+    """Headline metrics (calibrated and raw), per-class table and accuracy CI.
+
+    Callers that already have the split's logits (training, the report) pass them in.
+    """
     labels = split.labels.numpy()
-    if logits is None:  # callers that already have them (the report) pass them in
+    if logits is None:
         logits = classifier.logits(split.images, tta=tta)
     raw = torch.softmax(logits, 1).numpy()
-    calibrated = torch.softmax(logits / classifier.temperature, 1).numpy()
+    calibrated = classifier.calibrated(logits).numpy()
     preds = calibrated.argmax(1)
     result = metrics.classification_metrics(labels, calibrated)
     uncalibrated = metrics.classification_metrics(labels, raw)
     low, high = metrics.bootstrap_accuracy_ci(labels, preds)
-    result |= {
+    return result | {
         "accuracy_ci95": [low, high],
         "nll_uncalibrated": uncalibrated["nll"],
         "ece_uncalibrated": uncalibrated["ece"],
@@ -40,15 +36,29 @@ def evaluate(
         "per_class": metrics.per_class(labels, preds),
         "confusion_matrix": metrics.confusion(labels, preds).tolist(),
     }
-    if figures_dir is not None:
-        suffix = f"{name}{'_tta' if tta else ''}"
+
+
+def write_figures(
+    classifier: Classifier, split: Split, result: dict, folder: Path, name: str, logits: torch.Tensor | None = None
+) -> list[Path]:
+    """The confusion matrix and reliability diagram of an evaluation, as PNGs in `folder`."""
+    if logits is None:
+        logits = classifier.logits(split.images, tta=result["tta"])
+    labels = split.labels.numpy()
+    suffix = f"{name}{'_tta' if result['tta'] else ''}"
+    return [
         plots.confusion_matrix(
             np.array(result["confusion_matrix"]),
-            Path(figures_dir) / f"confusion_{suffix}.png",
-            title=f"{name} split{' (TTA)' if tta else ''}",
-        )
-        plots.reliability(labels, raw, calibrated, Path(figures_dir) / f"reliability_{suffix}.png")
-    return result
+            Path(folder) / f"confusion_{suffix}.png",
+            title=f"{name} split{' (TTA)' if result['tta'] else ''}",
+        ),
+        plots.reliability(
+            labels,
+            torch.softmax(logits, 1).numpy(),
+            classifier.calibrated(logits).numpy(),
+            Path(folder) / f"reliability_{suffix}.png",
+        ),
+    ]
 
 
 def format_metrics(result: dict) -> str:

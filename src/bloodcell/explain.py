@@ -8,18 +8,18 @@ gradient of the class score, keeps the positive part and upsamples it to the inp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
 from torch import nn
 
 from bloodcell import plots, preprocess
-from bloodcell.augment import to_float
 from bloodcell.errors import BloodcellError
+from bloodcell.inference import normalize
 from bloodcell.predict import Classifier
 
 
@@ -81,25 +81,37 @@ def explain_image(classifier: Classifier, image: np.ndarray, class_name: str | N
         if class_name not in classifier.classes:
             raise BloodcellError(f"unknown class {class_name!r}; choose one of {', '.join(classifier.classes)}")
         class_index = classifier.classes.index(class_name)
-    norm = classifier.meta["normalize"]
-    x = to_float(torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None], norm["mean"], norm["std"])
+    p = classifier.record.preprocessing
+    x = normalize(torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None], p.mean, p.std)
     return grad_cam(classifier.model, x, class_index, classifier.temperature)
 
 
 def explain_file(
-    classifier: Classifier, path: Path, out_dir: Path, class_name: str | None = None, crop: str = "medmnist"
+    classifier: Classifier,
+    path: Path,
+    out_dir: Path,
+    class_name: str | None = None,
+    crop: str | None = None,
+    taken: Sequence[Path] = (),
 ) -> Path:
-    """Explain a full-size image file; the overlay is drawn on the cropped original at full resolution."""
-    crop_spec = preprocess.Crop.parse(crop)
+    """Explain a full-size image file; the overlay is drawn on the cropped original at full resolution.
+
+    The file goes through the same decode path (and size checks) as `predict`, decoded once. Its
+    figure is `<stem>_gradcam.png`, numbered if another file of this run already took the name.
+    """
     try:
-        with Image.open(path) as image:  # decoded once: the model input and the picture shown
-            oriented = ImageOps.exif_transpose(image)
-            model_input = preprocess.prepare(oriented, classifier.image_size, crop_spec)
-            shown = np.asarray(preprocess.centre_crop(preprocess.to_rgb(oriented), crop_spec))
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise BloodcellError(f"{path}: cannot read image ({exc})") from None
+        image = preprocess.open_image(path)
+    except preprocess.ImageError as exc:
+        raise BloodcellError(f"{path}: {exc}") from None
+    crop = crop or classifier.record.preprocessing.crop
+    model_input = classifier.prepare(image, crop)
+    shown = np.asarray(preprocess.centre_crop(image, preprocess.Crop.parse(crop)))
     explanation = explain_image(classifier, model_input, class_name)
-    return render(classifier, explanation, shown, Path(out_dir) / f"{Path(path).stem}_gradcam.png", str(path))
+    target, n = Path(out_dir) / f"{Path(path).stem}_gradcam.png", 1
+    while target in taken:
+        n += 1
+        target = Path(out_dir) / f"{Path(path).stem}-{n}_gradcam.png"
+    return render(classifier, explanation, shown, target, str(path))
 
 
 def render(classifier: Classifier, explanation: Explanation, shown: np.ndarray, path: Path, source: str) -> Path:

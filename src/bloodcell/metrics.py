@@ -73,3 +73,18 @@ def bootstrap_accuracy_ci(
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(accuracies, [tail, 100 - tail])
     return float(low), float(high)
+
+
+HEADLINE = ("accuracy", "balanced_accuracy", "auc_macro_ovr", "f1_macro", "nll", "ece")
+
+
+def headline(values: dict) -> dict:
+    """The few numbers worth keeping in model.json and printing after training."""
+    return {k: values[k] for k in HEADLINE if k in values}
+
+
+def format_headline(name: str, values: dict) -> str:
+    """One line per split, as `train` prints it and the report and model card quote it."""
+    auc = values.get("auc_macro_ovr")
+    auc_text = f"{auc:.4f}" if auc is not None else "n/a"
+    return f"{name:<9} accuracy {values['accuracy']:.4f}  macro AUC {auc_text}  ECE {values['ece']:.4f}"

@@ -31,10 +31,48 @@ def names() -> list[str]:
     return list(REGISTRY)
 
 
-def create(name: str, **args) -> nn.Module:
+def create(name: str, image_size: int = 28, **args) -> nn.Module:
+    """Build a registered model; `args` override its defaults and are checked against LIMITS first,
+    so a corrupt run file cannot ask for a network of many gigabytes."""
     if name not in REGISTRY:
         raise BloodcellError(f"unknown model {name!r}; choose one of {', '.join(REGISTRY)}")
-    return REGISTRY[name](**args)
+    check_args({"image_size": image_size, **args})
+    try:
+        return REGISTRY[name](image_size=image_size, **args)
+    except TypeError as exc:
+        raise BloodcellError(f"model {name!r}: bad arguments ({exc})") from None
+
+
+# Bounds on every architecture argument: generous for real use, far below what exhausts memory.
+LIMITS: dict[str, tuple[float, float]] = {
+    "image_size": (8, 1024),
+    "num_classes": (2, 1000),
+    "widths": (1, 1024),  # each stage's width
+    "blocks": (0, 8),
+    "stem": (1, 512),
+    "dropout": (0.0, 0.99),
+}
+MAX_STAGES = 6
+
+
+def check_args(args: dict) -> None:
+    for key, value in args.items():
+        if key not in LIMITS:
+            continue  # unknown names are reported by the factory's signature
+        values = value if key == "widths" else [value]
+        if key == "widths" and not (isinstance(value, (list, tuple)) and 1 <= len(value) <= MAX_STAGES):
+            raise BloodcellError(f"model argument widths must be a list of 1 to {MAX_STAGES} numbers, got {value!r}")
+        low, high = LIMITS[key]
+        for v in values:
+            number_ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if not number_ok or not low <= v <= high or (isinstance(low, int) and v != int(v)):
+                raise BloodcellError(f"model argument {key}={value!r} is outside {low}..{high}")
+
+
+def resolved_args(name: str) -> dict:
+    """The full argument set a registered model is built with (stored in the run record, so a
+    run keeps describing its network even if a preset's defaults change later)."""
+    return dict(RES_SIZES.get(name, {}))
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -42,13 +80,13 @@ def parameter_count(model: nn.Module) -> int:
 
 
 @register("baseline")
-def baseline(image_size: int = 28, num_classes: int = NUM_CLASSES) -> nn.Module:
+def baseline(image_size: int, num_classes: int = NUM_CLASSES) -> nn.Module:
     """Flatten -> Linear: the study's feed-forward baseline."""
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * image_size * image_size, num_classes))
 
 
 @register("seed-cnn")
-def seed_cnn(image_size: int = 28, num_classes: int = NUM_CLASSES, dropout: float = 0.25) -> nn.Module:
+def seed_cnn(image_size: int, num_classes: int = NUM_CLASSES, dropout: float = 0.25) -> nn.Module:
     """The study's CNN: two 2x2 convolutions, one max-pool, dropout 0.25, a 64-unit dense layer."""
     side = (image_size - 1) // 2 - 1  # conv k=2 -> pool 2 -> conv k=2
     return nn.Sequential(
@@ -99,7 +137,6 @@ class ResNet(nn.Module):
         blocks: int = 1,
         stem: int = 24,
         num_classes: int = NUM_CLASSES,
-        image_size: int = 28,
         dropout: float = 0.0,
     ):
         super().__init__()
@@ -113,7 +150,6 @@ class ResNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(2 * c_in, num_classes)
-        self.image_size = image_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
@@ -134,7 +170,7 @@ RES_SIZES = {
 
 
 def _residual_factory(preset: dict) -> Callable[..., nn.Module]:
-    def factory(**args) -> nn.Module:
+    def factory(image_size: int, **args) -> nn.Module:  # global pooling: any image size works
         merged = {**preset, **args}
         merged["widths"] = tuple(merged["widths"])
         return ResNet(**merged)

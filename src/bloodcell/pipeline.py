@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
-from bloodcell import __version__, plots, runs
+from bloodcell import metrics, models, plots, runs
 from bloodcell.calibrate import fit_temperature
 from bloodcell.data import CLASSES, Dataset
-from bloodcell.evaluate import evaluate
+from bloodcell.evaluate import evaluate, write_figures
+from bloodcell.files import read_json, write_csv, write_json
 from bloodcell.predict import Classifier
+from bloodcell.runs import Preprocessing, RunRecord
 from bloodcell.train import TrainConfig, build_model, fit
 
 
@@ -29,7 +32,7 @@ def train_run(
     """
     run_dir = Path(run_dir)
     if resume and runs.is_run_dir(run_dir):
-        return runs.read_json(run_dir / runs.METRICS)  # already finished: nothing to do
+        return read_json(run_dir / runs.METRICS)  # already finished: nothing to do
     runs.prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
     model = build_model(config, dataset.image_size)
     checkpoint = run_dir / runs.CHECKPOINT
@@ -47,37 +50,30 @@ def train_run(
     if not result.finished:
         return None
 
-    meta = {
-        "arch": config.model,
-        "arch_args": config.model_args,
-        "classes": list(CLASSES),
-        "image_size": dataset.image_size,
-        "normalize": {"mean": result.mean, "std": result.std},
-        "temperature": 1.0,
-        "train_config": config.to_dict(),
-        "data": {"file": str(dataset.path), "md5": dataset.md5, "official": dataset.official},
-        "bloodcell_version": __version__,
-        "train_seconds": result.seconds,
+    record = RunRecord(
+        arch=config.model,
+        arch_args=models.resolved_args(config.model),
+        classes=CLASSES,
+        preprocessing=Preprocessing(dataset.image_size, tuple(result.mean), tuple(result.std)),
+        train_config=config.to_dict(),
+        data={"file": str(dataset.path), "md5": dataset.md5, "official": dataset.official},
+        train_seconds=result.seconds,
+    )
+    uncalibrated = Classifier(result.model, record)
+    val_logits = uncalibrated.logits(dataset.val.images)
+    classifier = Classifier(result.model, record.with_temperature(fit_temperature(val_logits, dataset.val.labels)))
+    test_logits = classifier.logits(dataset.test.images)  # the one look at test
+    scores = {
+        "val": evaluate(classifier, dataset.val, logits=val_logits),
+        "test": evaluate(classifier, dataset.test, logits=test_logits),
+        "test_tta": evaluate(classifier, dataset.test, tta=True),
     }
-    classifier = Classifier(result.model, meta)
-    val_logits = classifier.logits(dataset.val.images)
-    meta["temperature"] = fit_temperature(val_logits, dataset.val.labels)
-    val = evaluate(classifier, dataset.val, logits=val_logits)
-    test = evaluate(classifier, dataset.test, figures_dir=run_dir)  # the one look at test
-    test_tta = evaluate(classifier, dataset.test, tta=True)
-    metrics = {"val": val, "test": test, "test_tta": test_tta}
-    meta["metrics"] = {split: headline(values) for split, values in metrics.items()}
+    write_figures(classifier, dataset.test, scores["test"], run_dir, "test", logits=test_logits)
+    record = replace(classifier.record, metrics={split: metrics.headline(values) for split, values in scores.items()})
 
-    runs.write_csv(run_dir / runs.HISTORY, result.history)
+    write_csv(run_dir / runs.HISTORY, result.history)
     plots.history_curves(result.history, run_dir / "learning_curves.png", title=config.model)
-    runs.write_json(run_dir / runs.METRICS, metrics)
-    runs.save_tensors(run_dir / runs.MODEL_WEIGHTS, result.model.state_dict())
-    runs.write_json(run_dir / runs.MODEL_META, meta)  # written last: its presence marks a finished run
+    write_json(run_dir / runs.METRICS, scores)
+    runs.write_model(run_dir, record, result.model.state_dict())  # model.json last: marks a finished run
     shutil.rmtree(checkpoint, ignore_errors=True)
-    return metrics
-
-
-def headline(values: dict) -> dict:
-    """The few numbers worth keeping in model.json and printing."""
-    keys = ("accuracy", "balanced_accuracy", "auc_macro_ovr", "f1_macro", "nll", "ece")
-    return {k: values[k] for k in keys if k in values}
+    return scores

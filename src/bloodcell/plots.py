@@ -15,7 +15,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bloodcell.data import CLASSES  # noqa: E402
-from bloodcell.runs import atomic_path  # noqa: E402
+from bloodcell.files import atomic_path  # noqa: E402
 
 plt.rcParams.update(
     {
@@ -192,17 +192,23 @@ def _upscale(image: np.ndarray, side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((side, side), filter_))
 
 
+def heat_overlay(image: np.ndarray, heatmap: np.ndarray, side: int) -> np.ndarray:
+    """`image` (uint8 HWC) at side x side with its heat map (values in [0, 1]) blended in, jet colours."""
+    base = _upscale(image, side).astype(np.float32)
+    heat = np.asarray(Image.fromarray(heatmap.astype(np.float32)).resize((side, side), Image.BILINEAR))
+    colours = matplotlib.colormaps["jet"](np.clip(heat, 0, 1))[..., :3] * 255
+    return (0.55 * base + 0.45 * colours).astype(np.uint8)
+
+
 def gradcam(image: np.ndarray, heatmap: np.ndarray, path: Path, title: str, side: int = 280) -> Path:
     """The input beside its Grad-CAM overlay, both at a visible size."""
-    shown = _upscale(image, side)
-    heat = np.asarray(Image.fromarray(heatmap.astype(np.float32)).resize((side, side), Image.BILINEAR))
     fig, axes = plt.subplots(1, 2, figsize=(7.5, 4.1))
-    axes[0].imshow(shown)
+    axes[0].imshow(_upscale(image, side))
     axes[0].set_title("input")
-    axes[1].imshow(shown)
-    overlay = axes[1].imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    axes[1].imshow(heat_overlay(image, heatmap, side))
     axes[1].set_title("Grad-CAM")
-    fig.colorbar(overlay, ax=axes[1], fraction=0.046, pad=0.04)
+    scale = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap="jet")
+    fig.colorbar(scale, ax=axes[1], fraction=0.046, pad=0.04)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])

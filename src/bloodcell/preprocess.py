@@ -27,12 +27,16 @@ from bloodcell.errors import BloodcellError
 
 MEDMNIST_CROP = 200 / 360  # crop side / short side of the PBC images
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
-MAX_PIXELS = 50_000_000  # larger files are refused as possible decompression bombs
+# One limit on every path, checked from the header before decoding: a cell image is well under a
+# megapixel and a whole microscope field a few; 16.8 Mpx (4096 x 4096) decodes to 48 MB of RGB.
+MAX_PIXELS = 4096 * 4096
+MIN_SIDE = 16  # smaller than this cannot hold a recognisable cell
 FILTER_FILE = Path(__file__).with_name("medmnist_filter.json")
+ImageSource = str | Path | bytes | Image.Image | np.ndarray
 
 
-class ImageError(Exception):
-    """A file that cannot be turned into model input; the message names the reason."""
+class ImageError(BloodcellError):
+    """An input that cannot be turned into model input; the message is the reason (no file name)."""
 
 
 @dataclass(frozen=True)
@@ -111,12 +115,11 @@ def medmnist_filter() -> np.ndarray | None:
 
 
 def prepare(image: Image.Image, size: int = 28, crop: Crop = Crop(MEDMNIST_CROP), emulate: bool = True) -> np.ndarray:
-    """A PIL image -> uint8 (size, size, 3), cropped and resized the MedMNIST way.
+    """An RGB PIL image (from `open_image`) -> uint8 (size, size, 3), cropped and resized the MedMNIST way.
 
     `emulate` applies the fitted MedMNIST filter (28 px, MedMNIST crop only, where it was fitted).
     """
-    image = ImageOps.exif_transpose(image)
-    square = centre_crop(to_rgb(image), crop)
+    square = centre_crop(image, crop)
     resized = np.asarray(square.resize((size, size), Image.BILINEAR), dtype=np.uint8)
     weights = medmnist_filter()
     if emulate and size == 28 and crop.fraction == MEDMNIST_CROP and weights is not None:
@@ -124,28 +127,29 @@ def prepare(image: Image.Image, size: int = 28, crop: Crop = Crop(MEDMNIST_CROP)
     return resized
 
 
-def load_file(path: str | Path, size: int = 28, crop: Crop = Crop(MEDMNIST_CROP), emulate: bool = True) -> np.ndarray:
-    """Read and prepare one file; every failure is an ImageError with a short reason."""
-    return _decode(Path(path), size, crop, emulate)
-
-
-def load_bytes(content: bytes, size: int = 28, crop: Crop = Crop(MEDMNIST_CROP), emulate: bool = True) -> np.ndarray:
-    """`load_file` for an image already in memory (an HTTP upload)."""
-    return _decode(io.BytesIO(content), size, crop, emulate)
-
-
-def _decode(source: Path | io.BytesIO, size: int, crop: Crop, emulate: bool) -> np.ndarray:
+def open_image(source: ImageSource) -> Image.Image:
+    """Any image input -> an upright 8-bit RGB PIL image: the one decode path for files, uploaded
+    bytes, PIL images and arrays. Size limits are checked from the header, before decoding."""
+    if isinstance(source, Image.Image):
+        return _checked(source, loaded=True)
+    if isinstance(source, np.ndarray):
+        return _checked(_from_array(source), loaded=True)
     try:
-        empty = source.stat().st_size == 0 if isinstance(source, Path) else source.getbuffer().nbytes == 0
-        if empty:
-            raise ImageError("empty file (0 bytes)")
+        if isinstance(source, bytes):
+            if not source:
+                raise ImageError("empty file (0 bytes)")
+            handle = io.BytesIO(source)
+        else:
+            path = Path(source)
+            if path.is_dir():
+                raise ImageError("is a folder, not an image file")
+            if path.stat().st_size == 0:
+                raise ImageError("empty file (0 bytes)")
+            handle = path
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as image:
-                if image.width * image.height > MAX_PIXELS:
-                    raise ImageError(f"image too large ({image.width}x{image.height}), possible decompression bomb")
-                image.load()
-                return prepare(image, size, crop, emulate)
+            with Image.open(handle) as image:
+                return _checked(image, loaded=False)
     except ImageError:
         raise
     except FileNotFoundError:
@@ -153,11 +157,35 @@ def _decode(source: Path | io.BytesIO, size: int, crop: Crop, emulate: bool) -> 
     except PermissionError:
         raise ImageError("permission denied") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"possible decompression bomb ({exc})") from None
+        raise ImageError(f"image too large, possible decompression bomb ({exc})") from None
     except UnidentifiedImageError:
         raise ImageError("not an image file PIL can read") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"cannot decode image ({exc})") from None
+
+
+def _checked(image: Image.Image, loaded: bool) -> Image.Image:
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"image too large ({width}x{height} px, limit {MAX_PIXELS / 1e6:.1f} Mpx)")
+    if min(width, height) < MIN_SIDE:
+        raise ImageError(f"image too small to hold a cell ({width}x{height} px, at least {MIN_SIDE} px a side)")
+    if not loaded:
+        image.load()
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    if array.ndim == 3 and array.shape[2] in (3, 4) and array.dtype == np.uint8:
+        return Image.fromarray(np.ascontiguousarray(array))
+    if array.ndim == 2 and array.dtype == np.uint8:
+        return Image.fromarray(array)
+    raise ImageError(f"arrays must be uint8 (H, W), (H, W, 3) or (H, W, 4), got {array.dtype} {array.shape}")
+
+
+def load(source: ImageSource, size: int = 28, crop: Crop = Crop(MEDMNIST_CROP), emulate: bool = True) -> np.ndarray:
+    """Decode and prepare one image; every failure is an ImageError with a short reason."""
+    return prepare(open_image(source), size, crop, emulate)
 
 
 def to_tensor(images: list[np.ndarray]) -> torch.Tensor:

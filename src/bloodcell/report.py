@@ -13,7 +13,6 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 
@@ -21,6 +20,7 @@ from bloodcell import __version__, explain, plots, runs
 from bloodcell.data import CLASSES, SPLITS, Dataset
 from bloodcell.errors import BloodcellError
 from bloodcell.evaluate import evaluate
+from bloodcell.files import read_csv, read_json, write_text
 from bloodcell.predict import Classifier
 
 STYLE = """
@@ -34,8 +34,13 @@ img { max-width: 100%; height: auto; display: block; margin: 0.6em 0; }
 """
 
 
-def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode()
+def _img(path: Path, alt: str, root: Path) -> str:
+    """Embed a PNG, but only a regular file inside `root`: a symlink planted in a run folder must
+    not smuggle another file (a system file, say) into a report that gets mailed around."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file() or not path.resolve().is_relative_to(Path(root).resolve()):
+        return f"<p class='muted'>{html.escape(path.name)}: skipped (not a regular file in the folder)</p>"
+    data = base64.b64encode(path.read_bytes()).decode()
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
 
 
@@ -67,25 +72,14 @@ def _page(title: str, sections: list[str]) -> str:
     )
 
 
-def overlay(image: np.ndarray, heatmap: np.ndarray, side: int = 112) -> np.ndarray:
-    """A uint8 RGB thumbnail of `image` with its heat map blended in (jet colour map)."""
-    from PIL import Image
-
-    base = np.asarray(Image.fromarray(image).resize((side, side), Image.NEAREST), dtype=np.float32)
-    heat = np.asarray(Image.fromarray(heatmap.astype(np.float32)).resize((side, side), Image.BILINEAR))
-    colours = matplotlib.colormaps["jet"](heat)[..., :3] * 255
-    return (0.55 * base + 0.45 * colours).astype(np.uint8)
-
-
-def run_report(run_dir: Path, dataset: Dataset, out: Path, gallery_size: int = 12) -> Path:
+def run_report(classifier: Classifier, run_dir: Path, dataset: Dataset, out: Path, gallery_size: int = 12) -> Path:
     """Evaluate the run on the test split and write the HTML report to `out`."""
     run_dir = Path(run_dir)
-    classifier = Classifier.from_run(run_dir)
-    meta = classifier.meta
+    record = classifier.record
     test = dataset.test
     logits = classifier.logits(test.images)
     result = evaluate(classifier, test, logits=logits)
-    probs = torch.softmax(logits / classifier.temperature, 1).numpy()
+    probs = classifier.calibrated(logits).numpy()
     labels, preds = test.labels.numpy(), probs.argmax(1)
     confidence = probs.max(1)
     images_hwc = test.images.permute(0, 2, 3, 1).numpy()
@@ -99,8 +93,8 @@ def run_report(run_dir: Path, dataset: Dataset, out: Path, gallery_size: int = 1
             "reliability": plots.reliability(labels, raw, probs, tmp / "rel.png"),
         }
         if (run_dir / runs.HISTORY).is_file():
-            history = runs.read_csv(run_dir / runs.HISTORY)
-            figures["curves"] = plots.history_curves(history, tmp / "curves.png", title=meta["arch"])
+            history = read_csv(run_dir / runs.HISTORY)
+            figures["curves"] = plots.history_curves(history, tmp / "curves.png", title=record.arch)
         wrong = np.flatnonzero(preds != labels)
         wrong = wrong[np.argsort(-confidence[wrong])][:gallery_size]
         right = np.flatnonzero(preds == labels)
@@ -119,7 +113,7 @@ def run_report(run_dir: Path, dataset: Dataset, out: Path, gallery_size: int = 1
         for k, name in enumerate(CLASSES):
             for i in np.flatnonzero(labels == k)[np.argsort(-probs[labels == k, k])][:2]:
                 explanation = explain.explain_image(classifier, images_hwc[i])
-                cams.append(overlay(images_hwc[i], explanation.heatmap))
+                cams.append(plots.heat_overlay(images_hwc[i], explanation.heatmap, side=112))
                 captions.append(f"#{i} {name}\npred {CLASSES[explanation.predicted_index]}")
         figures["gradcam"] = plots.gallery(cams, captions, tmp / "gradcam.png", n_cols=4)
 
@@ -137,16 +131,16 @@ def run_report(run_dir: Path, dataset: Dataset, out: Path, gallery_size: int = 1
                 "",
             ],
         ]
-        config_rows = [[k, v] for k, v in meta.get("train_config", {}).items()]
+        config_rows = [[k, v] for k, v in record.train_config.items()]
         provenance = [
             ["data file", dataset.path.name],
             ["MD5", f"{dataset.md5} ({'official' if dataset.official else 'not the official file'})"],
             ["split sizes", ", ".join(f"{s} {len(dataset.split(s))}" for s in SPLITS)],
             ["image size", f"{dataset.image_size} px"],
-            ["architecture", meta["arch"]],
+            ["architecture", record.arch],
             ["temperature", f"{classifier.temperature:.4f}"],
-            ["training time", f"{meta.get('train_seconds', float('nan')):.0f} s"],
-            ["model trained on", f"{meta['data']['md5']}"],
+            ["training time", f"{record.train_seconds or float('nan'):.0f} s"],
+            ["model trained on", f"{record.data.get('md5', 'unknown')}"],
         ]
         sections = [
             _section(
@@ -171,19 +165,21 @@ def run_report(run_dir: Path, dataset: Dataset, out: Path, gallery_size: int = 1
                     ],
                 ),
             ),
-            _section("confusion", "Confusion matrix", _img(figures["confusion"], "confusion matrix")),
-            _section("roc", "ROC curves", _img(figures["roc"], "ROC curves")),
-            _section("calibration", "Calibration", _img(figures["reliability"], "reliability diagram")),
+            _section("confusion", "Confusion matrix", _img(figures["confusion"], "confusion matrix", tmp)),
+            _section("roc", "ROC curves", _img(figures["roc"], "ROC curves", tmp)),
+            _section("calibration", "Calibration", _img(figures["reliability"], "reliability diagram", tmp)),
         ]
         if "curves" in figures:
-            sections.append(_section("learning-curves", "Learning curves", _img(figures["curves"], "learning curves")))
+            sections.append(
+                _section("learning-curves", "Learning curves", _img(figures["curves"], "learning curves", tmp))
+            )
         sections += [
-            _section("mistakes", "Most confident mistakes", _img(figures["mistakes"], "most confident mistakes")),
-            _section("unsure", "Least confident correct predictions", _img(figures["unsure"], "least confident")),
-            _section("gradcam", "Grad-CAM, two per class", _img(figures["gradcam"], "Grad-CAM examples")),
+            _section("mistakes", "Most confident mistakes", _img(figures["mistakes"], "most confident mistakes", tmp)),
+            _section("unsure", "Least confident correct predictions", _img(figures["unsure"], "least confident", tmp)),
+            _section("gradcam", "Grad-CAM, two per class", _img(figures["gradcam"], "Grad-CAM examples", tmp)),
         ]
         document = _page(f"bloodcell report: {run_dir.name}", sections)
-    return runs.write_text(Path(out), document)
+    return write_text(Path(out), document)
 
 
 def study_report(study_dir: Path, out: Path) -> Path:
@@ -191,7 +187,7 @@ def study_report(study_dir: Path, out: Path) -> Path:
     from bloodcell.study import MODELS, results_table
 
     study_dir = Path(study_dir)
-    summary = runs.read_json(study_dir / "results.json")
+    summary = read_json(study_dir / "results.json")
     if "protocols" not in summary:
         raise BloodcellError(f"{study_dir / 'results.json'}: made by an older bloodcell; rerun `bloodcell reproduce`")
     header, rows = results_table(summary["models"])
@@ -217,10 +213,10 @@ def study_report(study_dir: Path, out: Path) -> Path:
     ]
     for model in MODELS:
         figures = "".join(
-            _img(study_dir / name, name)
+            _img(study_dir / name, name, study_dir)
             for protocol in summary["protocols"]
             for name in (f"learning_curves_{model}_{protocol}.png", f"confusion_{model}_{protocol}.png")
             if (study_dir / name).is_file()
         )
         sections.append(_section(f"model-{model}", model, figures))
-    return runs.write_text(Path(out), _page(f"bloodcell study reproduction: {study_dir.name}", sections))
+    return write_text(Path(out), _page(f"bloodcell study reproduction: {study_dir.name}", sections))

@@ -1,116 +1,237 @@
-"""The run directory: every file a later command reads, always written atomically.
+"""The run directory and its typed, versioned record: the one place that knows the file layout.
 
 RUN_DIR/model.safetensors   weights only (never pickled)
-RUN_DIR/model.json          architecture, classes, normalisation, temperature, config, metrics
+RUN_DIR/model.json          the RunRecord: architecture, classes, preprocessing, temperature, provenance
 RUN_DIR/metrics.json        val/test metrics
 RUN_DIR/history.csv         per-epoch loss/accuracy
-RUN_DIR/checkpoint/         resumable training state while training
+RUN_DIR/checkpoint/         resumable training state while training (see `checkpoint`)
+
+`model.json` is written last, so a folder holding it (and the weights) is a finished run. The
+preprocessing a model needs travels with it, the way a model's data config does in timm: any
+command that loads a run feeds it images the way it was trained, without being told.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import os
+import math
 import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from bloodcell import __version__, models
 from bloodcell.errors import BloodcellError
+from bloodcell.files import load_tensors, read_json, save_tensors, write_json
+from bloodcell.preprocess import Crop
 
+SCHEMA_VERSION = 2  # 1: the first release's model.json (no "schema" key, "normalize" at the top)
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_META = "model.json"
 METRICS = "metrics.json"
 HISTORY = "history.csv"
 CHECKPOINT = "checkpoint"
+RUN_FILES = (MODEL_WEIGHTS, MODEL_META, METRICS, HISTORY, CHECKPOINT)
 
 
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds."""
+@dataclass(frozen=True)
+class Preprocessing:
+    """How pixels become model input. `crop` and `medmnist_filter` apply to full-size image files."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop: str = "medmnist"  # framing of full-size images: medmnist | none | a fraction
+    medmnist_filter: bool = True  # the fitted 28 px filter that mimics MedMNIST's resize
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """Everything needed to rebuild, feed and describe a trained model (model.json)."""
+
+    arch: str
+    classes: tuple[str, ...]
+    preprocessing: Preprocessing
+    arch_args: dict = field(default_factory=dict)
+    temperature: float = 1.0
+    train_config: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)  # provenance: file, md5, official
+    metrics: dict = field(default_factory=dict)  # headline numbers per split
+    train_seconds: float | None = None
+    bloodcell_version: str = __version__
+    schema: int = SCHEMA_VERSION
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocessing.image_size
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, values, source: str | Path = "model.json") -> RunRecord:
+        """Validate and build; every problem is one line naming `source`."""
+        if not isinstance(values, dict):
+            raise BloodcellError(f"{source}: expected a JSON object, got {type(values).__name__}")
+        schema = values.get("schema", 1)
+        if not isinstance(schema, int) or schema < 1:
+            raise BloodcellError(f"{source}: bad schema version {schema!r}")
+        if schema > SCHEMA_VERSION:
+            raise BloodcellError(
+                f"{source}: written by a newer bloodcell (run format {schema}, this is {__version__} "
+                f"reading format {SCHEMA_VERSION}); upgrade bloodcell to use this run"
+            )
+        if schema == 1:
+            values = _upgrade_v1(values, source)
+        try:
+            classes = values["classes"]
+            if not isinstance(classes, (list, tuple)):
+                raise BloodcellError(f"{source}: classes must be a list of names, got {type(classes).__name__}")
+            preprocessing = Preprocessing(**_as_dict(values["preprocessing"], "preprocessing", source))
+            record = cls(
+                arch=values["arch"],
+                classes=tuple(classes),
+                preprocessing=replace(preprocessing, mean=_tuple(preprocessing.mean), std=_tuple(preprocessing.std)),
+                arch_args=_as_dict(values.get("arch_args", {}), "arch_args", source),
+                temperature=values.get("temperature", 1.0),
+                train_config=_as_dict(values.get("train_config", {}), "train_config", source),
+                data=_as_dict(values.get("data", {}), "data", source),
+                metrics=_as_dict(values.get("metrics", {}), "metrics", source),
+                train_seconds=values.get("train_seconds"),
+                bloodcell_version=str(values.get("bloodcell_version", "unknown")),
+                schema=SCHEMA_VERSION,
+            )
+        except KeyError as exc:
+            raise BloodcellError(f"{source}: missing field {exc}") from None
+        except TypeError as exc:
+            raise BloodcellError(f"{source}: malformed field ({exc})") from None
+        record.validate(source)
+        return record
+
+    def validate(self, source: str | Path = "model.json") -> None:
+        """Refuse values that would crash later or silently give wrong probabilities."""
+        if self.arch not in models.names():
+            raise BloodcellError(f"{source}: unknown architecture {self.arch!r}")
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise BloodcellError(f"{source}: classes must be at least two distinct names")
+        if not all(isinstance(c, str) and c for c in self.classes):
+            raise BloodcellError(f"{source}: class names must be non-empty strings")
+        p = self.preprocessing
+        if not _is_int(p.image_size) or not 8 <= p.image_size <= 1024:
+            raise BloodcellError(f"{source}: image_size must be a whole number from 8 to 1024, got {p.image_size!r}")
+        for name, values in (("mean", p.mean), ("std", p.std)):
+            if not (isinstance(values, (list, tuple)) and len(values) == 3 and all(map(_is_finite, values))):
+                raise BloodcellError(f"{source}: normalisation {name} must be three finite numbers, got {values!r}")
+        if min(p.std) <= 0:
+            raise BloodcellError(f"{source}: normalisation std must be positive, got {p.std!r}")
+        if not isinstance(p.medmnist_filter, bool):
+            raise BloodcellError(f"{source}: medmnist_filter must be true or false, got {p.medmnist_filter!r}")
+        try:
+            Crop.parse(p.crop)
+        except BloodcellError:
+            raise BloodcellError(f"{source}: unknown crop {p.crop!r}") from None
+        if not (_is_finite(self.temperature) and self.temperature > 0):
+            raise BloodcellError(f"{source}: temperature must be a positive number, got {self.temperature!r}")
+        models.check_args(self.arch_args)
+
+    def with_temperature(self, temperature: float) -> RunRecord:
+        return replace(self, temperature=float(temperature))
+
+
+def _tuple(values):
+    return tuple(values) if isinstance(values, (list, tuple)) else values
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _as_dict(value, name: str, source) -> dict:
+    if not isinstance(value, dict):
+        raise BloodcellError(f"{source}: {name} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _upgrade_v1(values: dict, source) -> dict:
+    """The first release's layout: image_size and normalize at the top, crop implied."""
+    try:
+        norm = _as_dict(values["normalize"], "normalize", source)
+        preprocessing = {"image_size": values["image_size"], "mean": norm["mean"], "std": norm["std"]}
+    except KeyError as exc:
+        raise BloodcellError(f"{source}: missing field {exc}") from None
+    upgraded = {k: v for k, v in values.items() if k not in ("normalize", "image_size")}
+    return upgraded | {"preprocessing": preprocessing}
+
+
+# ---------------------------------------------------------------- reading and writing a run
+
+
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / MODEL_META).is_file() and (Path(path) / MODEL_WEIGHTS).is_file()
+
+
+def read_record(run_dir: str | Path) -> RunRecord:
+    run_dir = Path(run_dir)
+    if not is_run_dir(run_dir):
+        raise BloodcellError(f"{run_dir}: not a bloodcell run directory (no {MODEL_META} / {MODEL_WEIGHTS})")
+    return RunRecord.from_json(read_json(run_dir / MODEL_META), run_dir / MODEL_META)
+
+
+def read_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The weights, refused if any value is NaN or infinite (they would give NaN probabilities)."""
+    path = Path(run_dir) / MODEL_WEIGHTS
+    weights = load_tensors(path)
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise BloodcellError(f"{path}: weight {name} has NaN or infinite values")
+    return weights
+
+
+def write_model(run_dir: str | Path, record: RunRecord, weights: dict[str, torch.Tensor]) -> None:
+    """Weights first, then the record: a folder with model.json is always a complete model."""
+    save_tensors(Path(run_dir) / MODEL_WEIGHTS, weights)
+    write_json(Path(run_dir) / MODEL_META, record.to_json())
+
+
+def check_run_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> None:
+    """Refuse, touching nothing, what `prepare_run_dir` would refuse (so the CLI can fail before
+    loading or downloading any data)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def write_json(path: Path, data: dict) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-    return Path(path)
-
-
-def _json_default(value):
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise BloodcellError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BloodcellError(f"{path}: not valid JSON ({exc})") from None
-
-
-def write_text(path: Path, text: str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-    return Path(path)
-
-
-def write_csv(path: Path, rows: Sequence[dict]) -> Path:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return Path(path)
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    return Path(path)
-
-
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise BloodcellError(f"{path}: file not found") from None
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise BloodcellError(f"{path}: not a valid safetensors file ({exc})") from None
-
-
-def prepare_run_dir(path: Path, overwrite: bool = False, resume: bool = False) -> Path:
-    """Create a fresh run directory; refuse to clobber a finished or started run unless asked."""
-    path = Path(path)
-    if path.exists() and any(path.iterdir()) and not resume:
+    if path.exists() and not path.is_dir():
+        raise BloodcellError(f"{path}: exists and is not a folder")
+    if resume:
+        if not is_run_dir(path) and not (path / CHECKPOINT / "state.json").is_file():
+            raise BloodcellError(f"{path}: nothing to resume (no {CHECKPOINT}/state.json); drop --resume to start")
+        return
+    if path.is_dir() and any(path.iterdir()):
         if not overwrite:
             raise BloodcellError(f"{path}: run directory exists and is not empty; use --overwrite or --resume")
+        foreign = sorted(p.name for p in path.iterdir() if not _belongs_to_run(p))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise BloodcellError(f"{path}: not a bloodcell run (holds {shown}); refusing to delete it")
+
+
+def prepare_run_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Create a run directory, refusing to touch anything the user did not ask to replace.
+
+    `resume` needs a checkpoint to continue from; `overwrite` replaces only a bloodcell run (or a
+    started one, holding just its checkpoint), never a folder of other files.
+    """
+    path = Path(path)
+    check_run_dir(path, overwrite, resume)
+    if not resume and path.is_dir() and any(path.iterdir()):
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def is_run_dir(path: Path) -> bool:
-    return (Path(path) / MODEL_META).is_file() and (Path(path) / MODEL_WEIGHTS).is_file()
+def _belongs_to_run(entry: Path) -> bool:
+    """Files a run writes: its fixed files, figures and reports, and atomic-write leftovers."""
+    if entry.name in RUN_FILES:
+        return True
+    return entry.is_file() and (entry.suffix in (".png", ".html") or entry.name.endswith(".tmp"))

@@ -23,10 +23,11 @@ import torch
 from sklearn.model_selection import KFold, StratifiedShuffleSplit
 from tqdm import tqdm
 
-from bloodcell import metrics, plots, runs
+from bloodcell import inference, metrics, plots
 from bloodcell.data import Dataset, Split
 from bloodcell.errors import BloodcellError
-from bloodcell.train import PRESETS, build_model, fit, predict_logits, with_overrides
+from bloodcell.files import write_csv, write_json, write_text
+from bloodcell.train import PRESETS, build_model, fit, with_overrides
 
 MODELS = ("baseline", "seed-cnn")
 PROTOCOLS = {
@@ -103,7 +104,7 @@ def cross_validate(model_name: str, protocol: str, pool: Split, test: Split, con
             fold_config,
             progress=False,
         )
-        probs = torch.softmax(predict_logits(result.model, test.images, result.mean, result.std), 1).numpy()
+        probs = torch.softmax(inference.logits(result.model, test.images, result.mean, result.std), 1).numpy()
         fold_metrics.append(metrics.classification_metrics(test.labels.numpy(), probs))
         predictions.append(probs.argmax(1))
         curves += [{"model": model_name, "protocol": protocol, "fold": fold + 1, **row} for row in result.history]
@@ -188,10 +189,10 @@ def reproduce(dataset: Dataset, out_dir: Path, config: StudyConfig = StudyConfig
         for protocol, result in results[model_name].items():
             all_curves += result["curves"]
             write_figures(result, model_name, protocol, test, config.folds, out_dir)
-    runs.write_csv(out_dir / "fold_curves.csv", all_curves)
+    write_csv(out_dir / "fold_curves.csv", all_curves)
     table_input = {model: {p: r["metrics"] for p, r in by_protocol.items()} for model, by_protocol in results.items()}
     header, rows = results_table(table_input)
-    runs.write_text(out_dir / "results.md", markdown_table(header, rows))
+    write_text(out_dir / "results.md", markdown_table(header, rows))
     plots.table(rows, header, out_dir / "results.png", title="BloodMNIST test metrics, mean +- std over fold models")
     summary = {
         "config": asdict(config),
@@ -202,5 +203,5 @@ def reproduce(dataset: Dataset, out_dir: Path, config: StudyConfig = StudyConfig
         "models": table_input,
         "published": PUBLISHED,
     }
-    runs.write_json(out_dir / "results.json", summary)
+    write_json(out_dir / "results.json", summary)
     return summary

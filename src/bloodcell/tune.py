@@ -12,15 +12,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import optuna
 import torch
 from sklearn.model_selection import StratifiedKFold
 
-from bloodcell import plots, runs
+from bloodcell import plots
 from bloodcell.data import Dataset
 from bloodcell.errors import BloodcellError
+from bloodcell.files import write_csv, write_json
 from bloodcell.study import pooled_train_val
 from bloodcell.train import PRESETS, build_model, fit, with_overrides
+
+try:
+    import optuna
+except ImportError:  # an optional extra: `predict` and `serve` installs do without it
+    raise BloodcellError("tuning needs Optuna: pip install 'bloodcell[tune]'") from None
 
 STUDY_GRID = {"batch_size": [64, 128, 256], "max_epochs": [30, 50], "lr": [1e-3, 1e-2, 1e-1]}
 STUDY_NAME = "bloodcell-tune"
@@ -165,7 +170,7 @@ def write_results(study: optuna.Study, out_dir: Path) -> dict:
         }
         for t in trials
     ]
-    runs.write_csv(out_dir / "tune_results.csv", rows)
+    write_csv(out_dir / "tune_results.csv", rows)
     header = list(rows[0])
     plots.table(
         [[str(r[h]) for h in header] for r in rows],
@@ -174,5 +179,5 @@ def write_results(study: optuna.Study, out_dir: Path) -> dict:
         title="CV accuracy, best first",
     )
     best = {"params": trials[0].params, "cv_accuracy": trials[0].value, "completed_trials": len(trials)}
-    runs.write_json(out_dir / "best_params.json", best)
+    write_json(out_dir / "best_params.json", best)
     return {**best, "results": rows}

@@ -1,0 +1,75 @@
+"""Batch augmentation invariants: the dihedral views form a group, translations stay in bounds."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bloodcell import augment
+
+
+def _views(x: torch.Tensor) -> list[torch.Tensor]:
+    return [augment.dihedral(x, k) for k in range(8)]
+
+
+def test_the_eight_dihedral_views_are_distinct_and_form_a_group():
+    x = torch.randn(1, 3, 5, 5)  # no symmetry of its own
+    views = _views(x)
+    assert torch.equal(views[0], x)
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8
+    for j, k in itertools.product(range(8), repeat=2):  # closure: a view of a view is a view
+        composed = augment.dihedral(views[j], k)
+        assert any(torch.equal(composed, v) for v in views), (j, k)
+    for j in range(8):  # every view can be undone by another
+        assert any(torch.equal(augment.dihedral(views[j], k), x) for k in range(8)), j
+
+
+def test_random_dihedral_only_permutes_pixels_and_respects_the_switches():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, 9, 9)
+    out = augment.random_dihedral(x, g, flip=True, rot90=True)
+    assert torch.equal(out.flatten(1).sort(dim=1).values, x.flatten(1).sort(dim=1).values)
+    assert torch.equal(augment.random_dihedral(x, g, flip=False, rot90=False), x)
+    flips_only = augment.random_dihedral(x, g, flip=True, rot90=False)
+    for image, original in zip(flips_only, x):
+        assert torch.equal(image, original) or torch.equal(image, original.flip(-1))
+
+
+@pytest.mark.parametrize("shift", [1, 2, 3])
+def test_translations_stay_within_the_allowed_shift(shift):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(48, 3, 12, 12)
+    out = augment.random_translate(x, shift, g)
+    padded = F.pad(x, (shift,) * 4, mode="reflect")
+    offsets = set()
+    for i in range(len(x)):
+        matches = [
+            (dy, dx)
+            for dy in range(2 * shift + 1)
+            for dx in range(2 * shift + 1)
+            if torch.equal(out[i], padded[i, :, dy : dy + 12, dx : dx + 12])
+        ]
+        assert matches, f"image {i} is not a shift of at most {shift} px"
+        offsets.add(matches[0])
+    assert len(offsets) > 3  # and the shifts do vary
+    assert torch.equal(augment.random_translate(x, 0, g), x)
+
+
+def test_blur_sharpen_keeps_flat_images_and_is_off_at_zero():
+    g = torch.Generator().manual_seed(2)
+    flat = torch.full((8, 3, 10, 10), 0.3)
+    assert torch.allclose(augment.random_sharpness(flat, 1.0, g), flat)
+    x = torch.randn(8, 3, 10, 10)
+    assert torch.equal(augment.random_sharpness(x, 0.0, g), x)
+    assert not torch.allclose(augment.random_sharpness(x, 1.0, g), x)
+
+
+def test_augment_batch_is_reproducible_from_the_generator():
+    x = torch.randn(32, 3, 16, 16)
+    config = augment.AugmentConfig(translate=2, sharpness=1.0, colour=0.1)
+    a = augment.augment_batch(x, config, torch.Generator().manual_seed(3))
+    b = augment.augment_batch(x, config, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == x.shape

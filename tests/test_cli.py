@@ -1,0 +1,138 @@
+"""The command line: options generated from the config classes, rendering, and a corpus of bad
+inputs that must each give one line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+from bloodcell import cli, runs
+from bloodcell.predict import PredictOptions
+from bloodcell.train import TrainConfig
+from tests.cli import call_cli, run_cli
+from tests.conftest import write_synthetic_npz
+
+
+def test_train_options_mirror_the_config_fields():
+    parser = cli.build_parser("train")
+    args = parser.parse_args(["train", "--epochs", "3", "--label-smoothing", "0.1", "--no-channels-last"])
+    values = cli.config_values(TrainConfig, args)
+    assert values["epochs"] == 3 and values["label_smoothing"] == 0.1 and values["channels_last"] is False
+    assert values["lr"] is None  # unset: the preset's value stays
+    flags = {a.flags[0] for a in cli.options_for(TrainConfig)}
+    assert flags == {f"--{f.name.replace('_', '-')}" for f in TrainConfig.options()}
+
+
+def test_predict_options_mirror_predict_options():
+    args = cli.build_parser("predict").parse_args(["predict", "run", "x.png", "--tta", "--min-confidence", "0.6"])
+    assert cli._prediction_options(args) == PredictOptions(tta=True, min_confidence=0.6)
+    assert cli._prediction_options(cli.build_parser("predict").parse_args(["predict", "r", "x"])) == PredictOptions()
+
+
+def test_help_of_every_command_works():
+    for name in cli.COMMANDS:
+        result = call_cli(name, "--help", check=False)
+        assert result.returncode == 0 and "usage: bloodcell" in result.stdout
+
+
+def test_json_output_is_strict_json():
+    assert "NaN" not in cli.to_json({"a": float("nan"), "b": [float("inf")]})
+    assert json.loads(cli.to_json({"a": float("nan")})) == {"a": None}
+
+
+@pytest.fixture()
+def corpus(tmp_path, synthetic_run, cell_images):
+    """Bad inputs, by name: each a folder or file a user might point bloodcell at."""
+    paths = {}
+    paths["text_npz"] = tmp_path / "bloodmnist.npz"
+    paths["text_npz"].write_text("hello")
+    paths["a_file"] = tmp_path / "plain_file"
+    paths["a_file"].write_text("x")
+    paths["foreign"] = tmp_path / "thesis"
+    paths["foreign"].mkdir()
+    (paths["foreign"] / "chapter1.tex").write_text("precious")
+    for name, change in {
+        "list_meta": [1, 2],
+        "string_size": {"preprocessing": {"image_size": "28"}},
+        "hot": {"temperature": "hot"},
+        "zero_t": {"temperature": 0},
+        "huge": {"arch_args": {"widths": [10_000_000]}},
+        "newer": {"schema": 99},
+    }.items():
+        run = tmp_path / name
+        shutil.copytree(synthetic_run, run)
+        meta = json.loads((run / runs.MODEL_META).read_text())
+        if isinstance(change, dict):
+            for key, value in change.items():
+                meta[key] = meta[key] | value if isinstance(value, dict) and key in meta else value
+        else:
+            meta = change
+        (run / runs.MODEL_META).write_text(json.dumps(meta))
+        paths[name] = run
+    paths["huge_image"] = tmp_path / "huge.png"
+    Image.new("1", (12_000, 9_000)).save(paths["huge_image"])
+    paths["tiny_set"] = write_synthetic_npz(tmp_path / "tiny.npz", size=1)
+    paths["image"] = cell_images[0]
+    paths["run"] = synthetic_run
+    return paths
+
+
+CASES = {
+    "missing data folder": (["info", "--data-dir", "{tmp}/nowhere"], "folder does not exist"),
+    "data dir is a file": (["info", "--data-dir", "{a_file}"], "is a file, not a folder"),
+    "text file as npz": (["info", "--data-file", "{text_npz}"], "truncated or corrupt"),
+    "1x1 px dataset": (["train", "--data-file", "{tiny_set}", "--out", "{tmp}/r1"], "at least 8 px"),
+    "overwrite a foreign folder": (
+        ["train", "--data-file", "{text_npz}", "--out", "{foreign}", "--overwrite"],
+        "not a bloodcell run (holds chapter1.tex); refusing to delete it",
+    ),
+    "resume a mistyped run": (["train", "--out", "{tmp}/typo", "--resume", "--data-dir", "{tmp}"], "nothing to resume"),
+    "zero epochs": (["train", "--epochs", "0", "--out", "{tmp}/r2"], "epochs must be"),
+    "evaluate a non-run": (["evaluate", "{foreign}"], "not a bloodcell run directory"),
+    "predict with a list model.json": (["predict", "{list_meta}", "{image}"], "expected a JSON object"),
+    "image size as a string": (["predict", "{string_size}", "{image}"], "image_size must be a whole number"),
+    "temperature hot": (["predict", "{hot}", "{image}"], "temperature must be a positive number"),
+    "temperature zero": (["predict", "{zero_t}", "{image}"], "temperature must be a positive number"),
+    "huge architecture": (["predict", "{huge}", "{image}"], "outside"),
+    "newer run format": (["predict", "{newer}", "{image}"], "newer bloodcell"),
+    "unknown crop": (["predict", "{run}", "{image}", "--crop", "sideways"], "--crop must be"),
+    "confidence above 1": (["predict", "{run}", "{image}", "--min-confidence", "2"], "min_confidence must be"),
+    "explain a 108 Mpx image": (["explain", "{run}", "{huge_image}", "--out", "{tmp}/x"], "too large"),
+    "explain nothing": (["explain", "{run}", "--out", "{tmp}/x"], "nothing to explain"),
+    "report a foreign folder": (["report", "{foreign}"], "not a bloodcell run directory"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_gives_one_line_and_a_nonzero_exit(case, corpus, tmp_path, monkeypatch):
+    monkeypatch.delenv("BLOODCELL_DATA_DIR", raising=False)
+    argv, message = CASES[case]
+    values = {k: str(v) for k, v in corpus.items()} | {"tmp": str(tmp_path)}
+    result = call_cli(*[a.format(**values) for a in argv], check=False)
+    assert result.returncode == 1, (result.returncode, result.stdout[-500:], result.stderr[-500:])
+    lines = [line for line in result.stderr.splitlines() if line.startswith("bloodcell: error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr[-800:]
+    assert "Traceback" not in result.stderr
+    assert (corpus["foreign"] / "chapter1.tex").read_text() == "precious"
+
+
+def test_data_dir_from_the_environment_pointing_at_a_file(corpus, monkeypatch):
+    monkeypatch.setenv("BLOODCELL_DATA_DIR", str(corpus["a_file"]))
+    result = call_cli("info", check=False)
+    assert result.returncode == 1 and "is a file, not a folder" in result.stderr
+
+
+def test_bad_thread_count_and_bad_usage(monkeypatch):
+    monkeypatch.setenv("BLOODCELL_THREADS", "many")
+    result = call_cli("info", check=False)
+    assert result.returncode == 1 and "BLOODCELL_THREADS" in result.stderr
+    monkeypatch.delenv("BLOODCELL_THREADS")
+    assert call_cli("predict", check=False).returncode == 2  # argparse: missing arguments
+
+
+def test_the_installed_command_runs_as_a_subprocess(synthetic_run, cell_images):
+    result = run_cli("predict", synthetic_run, cell_images[0], "--top-k", "1")
+    assert "1 of 1 images classified" in result.stdout
