@@ -18,7 +18,7 @@ import torch
 
 import bloodcell
 from bloodcell import data
-from bloodcell.inference import normalize
+from bloodcell.augment import normalize
 
 
 def images_per_second(run: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, repeats: int = 5) -> float:

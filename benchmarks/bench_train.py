@@ -12,6 +12,7 @@ cost in accuracy is measured too. Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -23,6 +24,18 @@ import bloodcell
 from bloodcell import data
 from bloodcell.pipeline import train_run
 from bloodcell.train import PRESETS, with_overrides
+
+
+def cpu_description() -> str:
+    """The CPU model, the instruction set PyTorch uses, and a oneDNN cap if one is set."""
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return f"{model}, {torch.backends.cpu.get_cpu_capability()}" + (f", oneDNN capped to {cap}" if cap else "")
 
 
 def mean_std(values: list[float]) -> str:
@@ -50,6 +63,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dataset = data.load(args.data_dir)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bloodcell {bloodcell.__version__}")
+    print(f"CPU: {cpu_description()}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:

@@ -57,7 +57,9 @@ def main() -> None:
         seconds = time.perf_counter() - start
         scores = {}
         for tta in (False, True):
-            logits = inference.logits(result.model, dataset.val.images, result.mean, result.std, tta=tta)
+            logits = inference.logits(
+                result.model, dataset.val.images, result.mean, result.std, tta=tta, colour_target=result.colour_target
+            )
             scores[tta] = (logits.argmax(1) == dataset.val.labels).float().mean().item()
         auc = metrics.classification_metrics(dataset.val.labels.numpy(), logits.softmax(1).numpy())["auc_macro_ovr"]
         curve = [round(row["val_acc"], 4) for row in result.history]

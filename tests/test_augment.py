@@ -68,8 +68,36 @@ def test_blur_sharpen_keeps_flat_images_and_is_off_at_zero():
 
 
 def test_augment_batch_is_reproducible_from_the_generator():
-    x = torch.randn(32, 3, 16, 16)
-    config = augment.AugmentConfig(translate=2, sharpness=1.0, colour=0.1)
-    a = augment.augment_batch(x, config, torch.Generator().manual_seed(3))
-    b = augment.augment_batch(x, config, torch.Generator().manual_seed(3))
-    assert torch.equal(a, b) and a.shape == x.shape
+    x = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)
+    config = augment.AugmentConfig(translate=2, sharpness=1.0, colour=0.1, stain=0.2, gamma=0.3, blur=1.0, scale=0.2)
+    a = augment.augment_batch(x, [0.5] * 3, [0.25] * 3, config, torch.Generator().manual_seed(3))
+    b = augment.augment_batch(x, [0.5] * 3, [0.25] * 3, config, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == x.shape and torch.isfinite(a).all()
+
+
+def test_stain_jitter_is_the_identity_at_zero_and_stays_in_range():
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(16, 3, 12, 12)
+    assert torch.equal(augment.random_stain(x, 0.0, g), x)
+    out = augment.random_stain(x, 0.3, g)
+    assert out.min() >= 0 and out.max() <= 1 and not torch.allclose(out, x)
+    white = torch.ones(4, 3, 6, 6)  # no stain: jitter of the densities leaves white nearly white
+    assert augment.random_stain(white, 0.3, g).min() > 0.9
+
+
+def test_photometric_changes_keep_pixels_in_range_and_grey_stays_grey():
+    g = torch.Generator().manual_seed(5)
+    config = augment.AugmentConfig(brightness=0.3, contrast=0.3, gamma=0.3, saturation=0.5)
+    grey = torch.rand(16, 1, 10, 10).expand(16, 3, 10, 10)
+    out = augment.random_photometric(grey, config, g)
+    assert out.min() >= 0 and out.max() <= 1
+    assert torch.allclose(out[:, 0], out[:, 1]) and torch.allclose(out[:, 1], out[:, 2])
+
+
+def test_blur_and_scale_keep_flat_images_flat():
+    g = torch.Generator().manual_seed(6)
+    flat = torch.full((8, 3, 14, 14), 0.4)
+    assert torch.allclose(augment.random_blur(flat, 1.5, g), flat, atol=1e-6)
+    assert torch.allclose(augment.random_scale(flat, 0.3, g), flat, atol=1e-6)
+    x = torch.rand(8, 3, 14, 14)
+    assert torch.equal(augment.random_blur(x, 0.0, g), x) and torch.equal(augment.random_scale(x, 0.0, g), x)

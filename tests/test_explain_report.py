@@ -172,3 +172,31 @@ def test_report_for_a_study_folder(real_data_dir, tmp_path):
     run_cli("report", study)
     page = (study / "report.html").read_text()
     assert 'id="comparison"' in page and "0.914" in page and "seed-cnn (published)" in page
+
+
+def test_robustness_command_and_its_report_section(synthetic_run, synthetic_file, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(synthetic_run, run)
+    args = ("robustness", run, "--data-file", synthetic_file, "--limit", "16", "--families", "pixelate", "bubble")
+    result = json.loads(call_cli(*args, "--json").stdout)
+    assert set(result["accuracy"]) == {"pixelate", "bubble"} and all(len(v) == 5 for v in result["accuracy"].values())
+    assert result["n"] == 16 and 0 <= result["mean_corrupted"] <= 1
+    with Image.open(run / "robustness.png") as image:
+        assert image.size[0] > 500
+    assert json.loads(call_cli(*args, "--json").stdout) == result  # seeded: the same corruptions each time
+    page = call_cli("report", run, "--data-file", synthetic_file, "--out", tmp_path / "r.html")
+    assert page.returncode == 0 and 'id="robustness"' in (tmp_path / "r.html").read_text()
+    bad = call_cli("robustness", run, "--data-file", synthetic_file, "--families", "rain", check=False)
+    assert bad.returncode == 1 and "unknown corruption family" in bad.stderr
+
+
+def test_corruptions_change_images_more_with_severity():
+    from bloodcell import robustness
+
+    coarse = torch.rand(4, 3, 4, 4) * 200 + 30  # smooth images: they survive the 28 -> 224 -> 28 round trip
+    images = torch.nn.functional.interpolate(coarse, size=28, mode="bilinear").round().to(torch.uint8)
+    for family in robustness.FAMILIES:
+        changes = [
+            (robustness.corrupt_batch(images, family, s).float() - images.float()).abs().mean().item() for s in (1, 5)
+        ]
+        assert changes[1] >= changes[0] * 0.9, family  # severity 5 changes the image at least as much

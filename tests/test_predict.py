@@ -203,3 +203,28 @@ def test_predict_folder_prints_differential(real_run, pbc_sample):
     assert result.returncode == 0
     assert "50 of 50 images classified" in result.stdout and "platelets (counted apart)" in result.stdout
     assert result.stdout.count("\tplatelet\t") >= 45
+
+
+def test_noise_is_flagged_as_unlike_the_training_images(synthetic_run, synthetic_file, tmp_path):
+    classifier = bloodcell.load(synthetic_run)
+    assert classifier.ood is not None and classifier.record.ood_threshold == pytest.approx(classifier.ood.threshold)
+    rng = np.random.default_rng(0)
+    noise = [rng.integers(0, 256, (200, 200, 3), dtype=np.uint8) for _ in range(8)]
+    records = classifier.predict_images(noise)
+    assert all(r["ood_score"] > classifier.ood.threshold for r in records)
+    assert all(r["review"] and "unlike the training images" in r["review_reason"] for r in records)
+    familiar = data.load_npz(synthetic_file).val.images
+    _, scores = classifier.logits_and_ood(familiar)
+    assert (scores > classifier.ood.threshold).float().mean() <= 0.1  # ~2% by construction, small sample
+    metrics = json.loads((synthetic_run / "metrics.json").read_text())
+    assert 0 <= metrics["test"]["flagged_fraction"] <= 1
+
+
+def test_a_broken_ood_file_is_refused(synthetic_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(synthetic_run, run)
+    (run / "ood.safetensors").write_bytes(b"junk")
+    with pytest.raises(BloodcellError, match="ood.safetensors"):
+        bloodcell.load(run)

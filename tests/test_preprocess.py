@@ -43,9 +43,9 @@ def test_any_mode_becomes_rgb(tmp_path, mode):
 
 def test_crop_geometry():
     image = Image.new("RGB", (363, 360))
-    assert preprocess.centre_crop(image, preprocess.Crop.parse("medmnist")).size == (200, 200)
-    assert preprocess.centre_crop(image, preprocess.Crop.parse("none")).size == (360, 360)
-    assert preprocess.centre_crop(image, preprocess.Crop.parse("0.5")).size == (180, 180)
+    for spec, size in (("medmnist", (200, 200)), ("none", (360, 360)), ("0.5", (180, 180))):
+        square, found = preprocess.frame(image, preprocess.Crop.parse(spec))
+        assert square.size == size and found is None
     with pytest.raises(BloodcellError, match="--crop"):
         preprocess.Crop.parse("sideways")
 

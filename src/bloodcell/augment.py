@@ -2,22 +2,54 @@
 
 Blood-cell images have no preferred orientation, so the eight symmetries of the square
 (flips and 90-degree rotations) are free, label-preserving augmentations and TTA views.
+
+Other labs' images differ in stain, illumination, camera, focus and magnification. The
+photometric augmentations (stain jitter in haematoxylin-eosin-DAB optical-density space,
+brightness, contrast, gamma, saturation, blur) work on raw pixels in [0, 1] before
+normalisation; the geometric ones (symmetries, translation, scale) after it. Every one draws
+its random values per image from the training generator, so training stays reproducible.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+
+from bloodcell.colour import normalize_colours
+from bloodcell.config import knob
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    flip: bool = True
-    rot90: bool = True
-    translate: int = 2  # max shift in pixels, reflect-padded
-    colour: float = 0.0  # max relative brightness/contrast/saturation jitter, 0 = off
-    sharpness: float = 0.0  # max unsharp-mask amount (negative = blur), 0 = off; bridges scanner/resize differences
+    """Batch augmentations; 0 switches one off. Defaults: the symmetries and 2 px shifts only."""
+
+    flip: bool = knob(True, "random horizontal flips")
+    rot90: bool = knob(True, "random quarter turns")
+    translate: int = knob(2, "maximum shift in pixels (reflect-padded)")
+    colour: float = knob(0.0, "relative brightness/contrast/saturation jitter on normalised values (first release)")
+    sharpness: float = knob(0.0, "maximum unsharp-mask amount (negative: blur); bridges resize differences")
+    stain: float = knob(0.0, "stain jitter: relative change of each stain's optical density (HED space)")
+    brightness: float = knob(0.0, "maximum relative brightness change")
+    contrast: float = knob(0.0, "maximum relative contrast change")
+    gamma: float = knob(0.0, "maximum log-gamma change (0.3: gamma in [0.74, 1.35])")
+    saturation: float = knob(0.0, "maximum relative saturation change")
+    blur: float = knob(0.0, "maximum Gaussian blur sigma, in pixels of the model input")
+    scale: float = knob(0.0, "maximum log-zoom (0.2: zoom in [0.82, 1.22], reflect-padded)")
+
+    @property
+    def photometric(self) -> bool:
+        return any((self.stain, self.brightness, self.contrast, self.gamma, self.saturation, self.blur))
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (N,3,H,W) -> float32, normalised per channel (`mean`/`std` in [0, 1] units)."""
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
+    return (images.float() - mean_t) / std_t
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -97,9 +129,97 @@ def random_sharpness(x: torch.Tensor, strength: float, generator: torch.Generato
     return x + amount * (x - blurred)
 
 
-def augment_batch(x: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    """Augment a normalised float batch: symmetries, translation, optional colour jitter."""
+def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, 1, 1, 1, generator=generator)
+
+
+# Ruifrok & Johnston's stain vectors (rows: haematoxylin, eosin, DAB), as in scikit-image's rgb2hed.
+RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
+
+
+def random_stain(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """HED jitter (Tellez et al. 2018): scale and shift each stain's optical density per image."""
+    if strength <= 0:
+        return x
+    n = len(x)
+    density = -torch.log(x.clamp(min=1 / 255)).permute(0, 2, 3, 1) @ HED_FROM_RGB  # (N, H, W, 3 stains)
+    scale = 1 + (torch.rand(n, 1, 1, 3, generator=generator) * 2 - 1) * strength
+    shift = (torch.rand(n, 1, 1, 3, generator=generator) * 2 - 1) * strength * 0.1
+    density = density * scale + shift
+    return torch.exp(-(density @ RGB_FROM_HED)).permute(0, 3, 1, 2).clamp(0, 1)
+
+
+def random_photometric(x: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """Brightness, contrast, gamma and saturation per image, on pixels in [0, 1]."""
+    n = len(x)
+    if config.brightness:
+        x = x * _uniform(n, 1 - config.brightness, 1 + config.brightness, generator)
+    if config.contrast:
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = mean + (x - mean) * _uniform(n, 1 - config.contrast, 1 + config.contrast, generator)
+    if config.gamma:
+        x = x.clamp(1e-4, 1) ** torch.exp(_uniform(n, -config.gamma, config.gamma, generator))
+    if config.saturation:
+        grey = x.mean(dim=1, keepdim=True)
+        x = grey + (x - grey) * _uniform(n, 1 - config.saturation, 1 + config.saturation, generator)
+    return x.clamp(0, 1)
+
+
+def random_blur(x: torch.Tensor, max_sigma: float, generator: torch.Generator, levels: int = 4) -> torch.Tensor:
+    """Gaussian blur with a per-image sigma in [0, max_sigma] (quantised to a few levels)."""
+    if max_sigma <= 0:
+        return x
+    which = torch.randint(0, levels + 1, (len(x),), generator=generator)
+    out = x.clone()
+    for level in which.unique().tolist():
+        if level == 0:
+            continue
+        sigma = max_sigma * level / levels
+        radius = max(1, math.ceil(2 * sigma))
+        taps = torch.exp(-(torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2) / (2 * sigma**2))
+        taps = taps / taps.sum()
+        idx = (which == level).nonzero().squeeze(1)
+        channels = x.shape[1]
+        padded = F.pad(x[idx], (radius,) * 4, mode="replicate")
+        rows = F.conv2d(padded, taps.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+        out[idx] = F.conv2d(rows, taps.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    return out
+
+
+def random_scale(x: torch.Tensor, max_log_zoom: float, generator: torch.Generator) -> torch.Tensor:
+    """Zoom each image in or out by exp(U(-max, max)) about its centre (reflect-padded when out)."""
+    if max_log_zoom <= 0:
+        return x
+    zoom = torch.exp((torch.rand(len(x), generator=generator) * 2 - 1) * max_log_zoom)
+    theta = torch.zeros(len(x), 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / zoom
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def augment_batch(
+    images: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    config: AugmentConfig,
+    generator: torch.Generator,
+    colour_target: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """uint8 batch -> augmented, normalised float batch: photometric changes on raw pixels (if any
+    are on), colour normalisation (with a `colour_target`), mean/std normalisation, then
+    symmetries, translation, scale, blur/sharpen and colour jitter."""
+    if config.photometric or colour_target is not None:
+        pixels = random_stain(images.float() / 255, config.stain, generator)
+        pixels = random_photometric(pixels, config, generator)
+        pixels = random_blur(pixels, config.blur, generator)
+        if colour_target is not None:
+            pixels = normalize_colours(pixels, colour_target)
+        x = normalize(pixels * 255, mean, std)
+    else:
+        x = normalize(images, mean, std)
     x = random_dihedral(x, generator, config.flip, config.rot90)
     x = random_translate(x, config.translate, generator)
+    x = random_scale(x, config.scale, generator)
     x = random_sharpness(x, config.sharpness, generator)
     return random_colour(x, config.colour, generator)

@@ -29,11 +29,14 @@ EXIT_NONE_CLASSIFIED = 4
 
 @dataclass(frozen=True)
 class Output:
-    """What a command hands back: `data` for --json, `text` for people, and the exit code."""
+    """What a command hands back: `data` for --json, `text` for people, the exit code, and for a
+    command that ran but failed (after printing its report), the one-line error."""
 
     data: dict
     text: str
     exit_code: int = 0
+    error: str | None = None
+    warnings: tuple[str, ...] = ()  # one line each on stderr
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,7 @@ def cmd_info(args: argparse.Namespace) -> Output:
     text = "\n".join(
         [
             f"file        {printable(dataset.path)}",
-            f"md5         {dataset.md5} ({'official' if dataset.official else 'NOT the official file'})",
+            f"md5         {dataset.md5} ({dataset.describe_source()})",
             f"image size  {dataset.image_size} x {dataset.image_size} px, RGB",
             "",
             format_count_table(counts),
@@ -201,6 +204,41 @@ def cmd_explore(args: argparse.Namespace) -> Output:
     return Output(
         {"counts": counts, "figures": [str(p) for p in paths]}, f"{format_count_table(counts)}\n\n{_wrote(paths)}"
     )
+
+
+@command(
+    "build-data",
+    "rebuild BloodMNIST at 64/128/224 px from the PBC source images, with the official split and order",
+    arg("pbc_dir", help="the PBC images: PBC_dataset_normal_DIB/<class>/*.jpg"),
+    arg("--size", type=int, action="append", required=True, help="size to build (64, 128 or 224); repeat for more"),
+    arg("--out", help="folder for bloodmnist_SIZE.npz and the provenance CSV (default: the data folder)"),
+    arg("--partial", action="store_true", help="write even if some official images were not found (marked partial)"),
+    DATA,
+    description="Matches every PBC file to the official 28 px image it became (nearest neighbour, labels must "
+    "agree) and writes bloodmnist_SIZE.npz in the official layout and order, plus bloodmnist_build.csv (file, "
+    "split, index, distance, margin, status). Nothing is written unless every official image is found, "
+    "unless --partial is given.",
+)
+def cmd_build_data(args: argparse.Namespace) -> Output:
+    from bloodcell import data
+    from bloodcell.build import build
+
+    official = _dataset(args, 28)
+    out = Path(args.out) if args.out else data.checked_data_dir(args.data_dir)
+    summary = build(Path(args.pbc_dir), official, tuple(args.size), out, partial=args.partial, progress=not args.json)
+    lines = [
+        f"{summary['files']} source images, {summary['filled']} of {summary['slots']} official images found "
+        f"({summary['by_elimination']} of them by elimination among near-duplicates), {summary['problems']} files "
+        f"with problems (see {printable(summary['provenance'])})",
+        *(f"wrote {printable(p)}" for p in summary["written"]),
+    ]
+    error = None
+    if not summary["complete"] and not summary["written"]:
+        error = (
+            f"{summary['empty_slots']} official images not found in {args.pbc_dir}; nothing written "
+            "(--partial writes what was found, marked partial)"
+        )
+    return Output(summary, "\n".join(lines), exit_code=1 if error else 0, error=error)
 
 
 # ---------------------------------------------------------------- the seed study
@@ -297,7 +335,6 @@ def _train_arguments() -> list[Arg]:
 
     return [
         *DATA,
-        SIZE,
         arg("--out", default="runs/default", help="run directory (default runs/default)"),
         arg(
             "--preset",
@@ -307,6 +344,7 @@ def _train_arguments() -> list[Arg]:
             "the options below override single settings",
         ),
         *options_for(TrainConfig, defaults=False),
+        arg("--teacher", metavar="RUN", help="distil this run's predictions (e.g. a 128 px run into a 28 px model)"),
         arg("--resume", action="store_true", help="continue an interrupted run in --out from its checkpoint"),
         arg("--overwrite", action="store_true", help="replace an existing run in --out"),
     ]
@@ -314,45 +352,186 @@ def _train_arguments() -> list[Arg]:
 
 @command("train", "train a model (default: bloodcell's recommended recipe) into a run directory", _train_arguments)
 def cmd_train(args: argparse.Namespace) -> Output:
+    from dataclasses import replace
+
     from bloodcell import metrics
     from bloodcell.pipeline import train_run
-    from bloodcell.runs import check_run_dir
+    from bloodcell.runs import check_run_dir, read_record
     from bloodcell.train import PRESETS, TrainConfig, with_overrides
 
     config = with_overrides(PRESETS[args.preset], **config_values(TrainConfig, args))
     check_run_dir(args.out, overwrite=args.overwrite, resume=args.resume)  # before loading any data
-    scores = train_run(_dataset(args), Path(args.out), config, resume=args.resume, overwrite=args.overwrite)
+    dataset = _dataset(args, config.image_size)
+    if args.data_file and args.image_size is None:  # your own file: its size, unless asked otherwise
+        config = replace(config, image_size=dataset.image_size)
+    teacher = None
+    if args.teacher:
+        teacher_size = read_record(args.teacher).image_size
+        teacher = (Path(args.teacher), _dataset(args, teacher_size) if teacher_size != dataset.image_size else dataset)
+        if not config.distill:
+            config = replace(config, distill=0.7)  # --teacher alone: the recommended weight
+    scores = train_run(dataset, Path(args.out), config, resume=args.resume, overwrite=args.overwrite, teacher=teacher)
     text = [metrics.format_headline(split, scores[split]) for split in ("val", "test", "test_tta")]
     text.append(f"wrote run to {printable(args.out)}")
     data = {"run_dir": args.out, **{k: metrics.headline(v) for k, v in scores.items()}}
     return Output(data, "\n".join(text))
 
 
+def _evaluate_arguments() -> list[Arg]:
+    from bloodcell.predict import PredictOptions
+
+    return [
+        RUN,
+        *DATA,
+        arg("--split", default="test", choices=("train", "val", "test"), help="split (default test)"),
+        arg(
+            "--images",
+            metavar="DIR",
+            nargs="+",
+            help="score labelled image files instead of a split: DIR/<class>/*.jpg (several DIRs are pooled), "
+            "class folders named like the classes (case-insensitive; aliases such as ig, NEUTROPHIL, basophils)",
+        ),
+        arg("--out", help="folder for the figures (default: the run directory)"),
+        *options_for(PredictOptions, ("crop", "tta", "min_confidence", "batch_size", "workers")),
+        *INFERENCE,
+    ]
+
+
 @command(
     "evaluate",
-    "score a trained run on a split: metrics, per-class table, CI, figures",
-    RUN,
-    DATA,
-    arg("--split", default="test", choices=("train", "val", "test"), help="split (default test)"),
-    arg("--tta", action="store_true", help="average over the 8 flips/rotations"),
-    arg("--out", help="folder for the figures (default: the run directory)"),
-    INFERENCE,
+    "score a trained run on a split or on labelled image folders: metrics, per-class table, figures",
+    _evaluate_arguments,
 )
 def cmd_evaluate(args: argparse.Namespace) -> Output:
     from bloodcell.evaluate import evaluate, format_metrics, write_figures
 
     classifier = _classifier(args)
-    split = _dataset(args, classifier.image_size).split(args.split)
-    logits = classifier.logits(split.images, tta=args.tta)
-    result = evaluate(classifier, split, tta=args.tta, logits=logits)
     folder = Path(args.out or args.run_dir)
-    existed = {p for p in folder.glob("*.png")} if folder.is_dir() else set()
+    existed = set(folder.glob("*.png")) if folder.is_dir() else set()
+    if args.images:
+        return _evaluate_folder(classifier, args, folder, existed)
+    split = _dataset(args, classifier.image_size).split(args.split)
+    logits, ood_scores = classifier.logits_and_ood(split.images, tta=args.tta)
+    result = evaluate(classifier, split, args.tta, logits, ood_scores, args.min_confidence)
     figures = write_figures(classifier, split, result, folder, args.split, logits=logits)
     text = (
         f"{printable(args.run_dir)}: {args.split} split{' with TTA' if args.tta else ''}\n"
         f"{format_metrics(result)}\n\n{_wrote(figures, existed)}"
     )
     return Output(result | {"figures": [str(p) for p in figures]}, text)
+
+
+def _evaluate_folder(classifier, args: argparse.Namespace, folder: Path, existed: set[Path]) -> Output:
+    from bloodcell import plots
+    from bloodcell.evaluate import format_folder_scores, labelled_folders, score_records
+
+    files, labels, counts = labelled_folders(args.images, classifier.classes)
+    records = classifier.predict_files(files, _prediction_options(args), progress=not args.json)
+    result = score_records(records, labels, classifier.classes, counts)
+    present = [classifier.classes.index(c) for c in result["classes_present"]]
+    matrix = [result["confusion_matrix"][k] for k in present]
+    label = "+".join(Path(d).resolve().name for d in args.images)
+    figure = plots.confusion_matrix(
+        matrix, folder / f"confusion_{label}.png", label, rows=result["classes_present"], columns=classifier.classes
+    )
+    shown = " ".join(map(printable, args.images))
+    text = f"{printable(args.run_dir)} on {shown}\n{format_folder_scores(result)}\n\n"
+    text += _wrote([figure], existed)
+    labelled = [r | {"label": classifier.classes[y]} for r, y in zip(records, labels)]
+    data = result | {"figures": [str(figure)], "records": labelled, "warnings": list(classifier.record.warnings)}
+    return Output(data, text, warnings=classifier.record.warnings)
+
+
+@command(
+    "robustness",
+    "accuracy under MedMNIST-C's corruptions (pixelate, JPEG, blur, brightness, contrast, saturation, stain, bubbles)",
+    RUN,
+    DATA,
+    arg("--split", default="test", choices=("train", "val", "test"), help="split (default test)"),
+    arg("--limit", type=int, help="score a stratified subset of this many images (default: the whole split)"),
+    arg("--families", nargs="+", metavar="FAMILY", help="only these corruption families (default: all)"),
+    arg("--out", help="folder for robustness.json/.png (default: the run directory)"),
+    _seed(0),
+)
+def cmd_robustness(args: argparse.Namespace) -> Output:
+    from bloodcell import plots, robustness
+    from bloodcell.files import write_json
+    from bloodcell.study import stratified_subset
+
+    unknown = sorted(set(args.families or ()) - set(robustness.FAMILIES))
+    if unknown:
+        raise BloodcellError(f"unknown corruption family {unknown}; choose from {', '.join(robustness.FAMILIES)}")
+    classifier = _classifier(args)
+    split = _dataset(args, classifier.image_size).split(args.split)
+    if args.limit:
+        split = stratified_subset(split, args.limit, args.seed)
+    families = tuple(args.families or robustness.FAMILIES)
+    result = robustness.evaluate_corruptions(
+        classifier, split.images, split.labels, families, args.seed, progress=not args.json
+    )
+    result |= {"split": args.split, "n": len(split), "seed": args.seed}
+    folder = Path(args.out or args.run_dir)
+    written = [write_json(folder / "robustness.json", result), plots.robustness(result, folder / "robustness.png")]
+    lines = [f"{'family':<18}" + "".join(f"{f'sev {s}':>8}" for s in range(1, 6))]
+    lines += [f"{name:<18}" + "".join(f"{v:>8.4f}" for v in values) for name, values in result["accuracy"].items()]
+    lines += [
+        "",
+        f"clean accuracy {result['clean']:.4f}; mean over corruptions {result['mean_corrupted']:.4f} "
+        f"({result['relative']:.1%} of clean), n={len(split)} {args.split} images",
+        _wrote(written),
+    ]
+    return Output(result, "\n".join(lines))
+
+
+def _finetune_arguments() -> list[Arg]:
+    from bloodcell.finetune import FinetuneConfig
+
+    return [
+        RUN,
+        arg("images", metavar="DIR", help="the lab's labelled images: DIR/<class>/*.jpg (as few as 5 per class)"),
+        arg("--out", required=True, help="folder for the fine-tuned run"),
+        arg("--overwrite", action="store_true", help="replace an existing run in --out"),
+        *options_for(FinetuneConfig),
+        *DATA,
+    ]
+
+
+@command(
+    "finetune",
+    "adapt a trained run to a lab's own labelled images (a few per class); writes a new run",
+    _finetune_arguments,
+    description="Continues training the run on the lab's images mixed with BloodMNIST images (all eight classes "
+    "stay known), with the run's own preprocessing; holds part of the lab's images out to calibrate and score. "
+    "The result is an ordinary run directory that every command accepts.",
+)
+def cmd_finetune(args: argparse.Namespace) -> Output:
+    from bloodcell.finetune import FinetuneConfig, finetune
+    from bloodcell.runs import read_record
+
+    config = FinetuneConfig(**config_values(FinetuneConfig, args))
+    image_size = read_record(args.run_dir).image_size
+    summary = finetune(
+        Path(args.run_dir),
+        Path(args.images),
+        _dataset(args, image_size),
+        Path(args.out),
+        config,
+        overwrite=args.overwrite,
+        progress=not args.json,
+    )
+    lines = [
+        f"{summary['lab_images']} lab images ({', '.join(f'{k} {v}' for k, v in summary['per_class'].items())}): "
+        f"trained on {summary['trained_on']}, held out {summary['held_out']}",
+        *_headline_lines(summary["metrics"]),
+        f"wrote run to {printable(args.out)}",
+    ]
+    return Output(summary, "\n".join(lines))
+
+
+def _headline_lines(scores: dict) -> list[str]:
+    from bloodcell import metrics
+
+    return [metrics.format_headline(split, values) for split, values in scores.items()]
 
 
 # ---------------------------------------------------------------- predict / serve
@@ -396,19 +575,24 @@ def cmd_predict(args: argparse.Namespace) -> Output:
         write_csv(Path(args.csv), [_csv_row(r) for r in records])
     lines = [_prediction_line(r) for r in records] + ["", format_differential(summary)]
     exit_code = EXIT_NONE_CLASSIFIED if summary["classified"] == 0 else EXIT_SOME_FAILED if summary["failed"] else 0
-    return Output({"records": records, "summary": summary}, "\n".join(lines), exit_code)
+    warnings = classifier.record.warnings
+    data = {"records": records, "summary": summary, "warnings": list(warnings)}
+    return Output(data, "\n".join(lines), exit_code, warnings=warnings)
 
 
 def _prediction_line(record: dict) -> str:
     path = printable(record["path"])
     if record["error"]:
         return f"{path}\tERROR\t{printable(record['error'])}"
-    return f"{path}\t{record['class']}\t{record['probability']:.4f}{chr(9) + 'review' if record['review'] else ''}"
+    review = f"\treview: {record['review_reason']}" if record["review"] else ""
+    return f"{path}\t{record['class']}\t{record['probability']:.4f}{review}"
 
 
 def _csv_row(record: dict) -> dict:
     top = "; ".join(f"{t['class']}={t['probability']:.4f}" for t in record["top_k"])
-    return {k: record[k] for k in ("path", "class", "probability", "review", "error")} | {"top_k": top}
+    cell = record.get("cell") or {}
+    row = {k: record.get(k) for k in ("path", "class", "probability", "review", "review_reason", "error")}
+    return row | {"top_k": top, "cell_found": cell.get("found"), "white_cells": cell.get("white_cells")}
 
 
 def _serve_arguments() -> list[Arg]:
@@ -418,6 +602,11 @@ def _serve_arguments() -> list[Arg]:
         RUN,
         arg("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1, this machine only)"),
         arg("--port", type=int, default=8000, help="port (default 8000)"),
+        arg(
+            "--token",
+            help="require 'Authorization: Bearer TOKEN' on the API (default: $BLOODCELL_TOKEN); needed for any "
+            "--host other than this machine",
+        ),
         *options_for(PredictOptions, ("crop", "tta", "min_confidence", "top_k")),  # a request can override some
         *INFERENCE,
     ]
@@ -427,14 +616,15 @@ def _serve_arguments() -> list[Arg]:
     "serve",
     "serve a trained run over HTTP (POST /predict with image files; docs at /docs)",
     _serve_arguments,
-    description="An HTTP API for lab software: GET /health, POST /predict (multipart image files) returning "
-    "the same records and differential count as `predict --json`. Needs `pip install 'bloodcell[serve]'`.",
+    description="A review page for the lab at / and an HTTP API for lab software: GET /health, POST /predict "
+    "(multipart image files) returning the same records and differential count as `predict --json`, POST /explain "
+    "(Grad-CAM for one image), docs at /docs. Needs `pip install 'bloodcell[serve]'`.",
     json=False,
 )
 def cmd_serve(args: argparse.Namespace) -> Output:
     from bloodcell.serve import serve
 
-    serve(_classifier(args), _prediction_options(args), args.host, args.port)
+    serve(_classifier(args), _prediction_options(args), args.host, args.port, token=args.token)
     return Output({}, "")
 
 
@@ -533,6 +723,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(to_json(output.data))
     elif output.text:
         print(output.text)
+    for warning in output.warnings:
+        print(f"bloodcell: warning: {printable(warning)}", file=sys.stderr)
+    if output.error:
+        print(f"bloodcell: error: {printable(output.error)}", file=sys.stderr)
     return output.exit_code
 
 

@@ -7,6 +7,7 @@ The whole dataset is small (17,092 images), so it is held as one uint8 tensor pe
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 import urllib.error
@@ -32,8 +33,21 @@ CLASSES: tuple[str, ...] = (
     "neutrophil",
     "platelet",
 )
+# Folder names labs use for the classes (matched case-insensitively, '_' '-' and spaces alike,
+# a trailing plural 's' dropped): the class names themselves plus these.
+CLASS_ALIASES: dict[str, tuple[str, ...]] = {
+    "basophil": ("baso",),
+    "eosinophil": ("eos", "eosino"),
+    "erythroblast": ("nrbc", "normoblast"),
+    "immature granulocyte": ("ig", "igs", "immaturegranulocyte"),
+    "lymphocyte": ("lympho", "lymph"),
+    "monocyte": ("mono",),
+    "neutrophil": ("neut", "neutro", "segmented neutrophil"),
+    "platelet": ("plt", "thrombocyte"),
+}
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 OFFICIAL_SPLIT_SIZES = {"train": 11959, "val": 1712, "test": 3421}
+BUILD_KEY = "bloodcell_build"  # extra array in files made by `bloodcell build-data`
 MIN_IMAGE_SIZE = 8  # the residual models pool three times; smaller images cannot be trained on
 DATA_DIR_ENV = "BLOODCELL_DATA_DIR"
 DEFAULT_DATA_DIR = Path("~/.medmnist")  # the medmnist package's cache: reuse its downloads
@@ -93,6 +107,7 @@ class Dataset:
     train: Split
     val: Split
     test: Split
+    build: dict | None = None  # for a file made by `bloodcell build-data`: its summary
 
     def split(self, name: str) -> Split:
         if name not in SPLITS:
@@ -106,7 +121,29 @@ class Dataset:
             "official": self.official,
             "image_size": self.image_size,
             "split_sizes": {s: len(self.split(s)) for s in SPLITS},
+            "build": self.build,
         }
+
+    def describe_source(self) -> str:
+        if self.official:
+            return "official"
+        if self.build is not None:
+            state = "complete" if self.build.get("complete") else f"partial: {self.build.get('filled')} images"
+            return f"built from the PBC images by bloodcell build-data, official split and order ({state})"
+        return "NOT the official file"
+
+
+def _folded(name: str) -> str:
+    folded = " ".join(name.lower().replace("_", " ").replace("-", " ").split())
+    return folded[:-1] if folded.endswith("s") and len(folded) > 3 else folded
+
+
+_FOLDED_NAMES = {_folded(alias): name for name, aliases in CLASS_ALIASES.items() for alias in (name, *aliases)}
+
+
+def class_named(name: str) -> str | None:
+    """The class a folder name means ('NEUTROPHIL', 'ig', 'basophils' ...), or None."""
+    return _FOLDED_NAMES.get(_folded(name))
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -197,9 +234,9 @@ def _check_headers(path: Path) -> None:
                 )
 
 
-def _validate_split(path: Path, npz, split: str, size: int | None) -> Split:
+def _validate_split(path: Path, npz, split: str, size: int | None, partial: bool = False) -> Split:
     images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
-    if len(images) == 0 or len(labels) == 0:
+    if (len(images) == 0 or len(labels) == 0) and not partial:
         raise BloodcellError(f"{path}: {split} split is empty")
     if images.dtype != np.uint8:
         raise BloodcellError(f"{path}: {split}_images has dtype {images.dtype}, expected uint8")
@@ -209,13 +246,13 @@ def _validate_split(path: Path, npz, split: str, size: int | None) -> Split:
         raise BloodcellError(f"{path}: {split}_images are {images.shape[1]} px, at least {MIN_IMAGE_SIZE} px needed")
     if size is not None and images.shape[1] != size:
         raise BloodcellError(f"{path}: {split}_images are {images.shape[1]} px, expected {size} px")
-    labels = labels.reshape(len(labels), -1)
+    labels = labels.reshape(len(labels), -1) if len(labels) else labels.reshape(0, 1)
     if labels.shape[1] != 1 or labels.dtype.kind not in "iu":
         raise BloodcellError(f"{path}: {split}_labels has shape {labels.shape} / dtype {labels.dtype}")
     labels = labels[:, 0].astype(np.int64)
     if len(labels) != len(images):
         raise BloodcellError(f"{path}: {split} has {len(images)} images but {len(labels)} labels")
-    if labels.min() < 0 or labels.max() >= len(CLASSES):
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(CLASSES)):
         raise BloodcellError(f"{path}: {split}_labels outside 0..{len(CLASSES) - 1}")
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     return Split(tensor, torch.from_numpy(labels))
@@ -236,7 +273,9 @@ def load_npz(path: str | os.PathLike, size: int | None = None, expected_md5: str
             missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in npz]
             if missing:
                 raise BloodcellError(f"{path}: missing key(s) {', '.join(missing)}")
-            splits = {s: _validate_split(path, npz, s, size) for s in SPLITS}
+            build = _build_info(path, npz)
+            partial = build is not None and not build.get("complete")
+            splits = {s: _validate_split(path, npz, s, size, partial) for s in SPLITS}
     except BloodcellError:
         raise
     except (zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
@@ -244,18 +283,32 @@ def load_npz(path: str | os.PathLike, size: int | None = None, expected_md5: str
     sizes = {s.images.shape[2] for s in splits.values()}
     if len(sizes) != 1:
         raise BloodcellError(f"{path}: splits have different image sizes {sorted(sizes)}")
-    if expected_md5 is not None:  # an official file name: its split sizes are known
+    complete = build is None or build.get("complete")
+    if expected_md5 is not None and complete:  # an official file name: its split sizes are known
         for name, split in splits.items():
             if len(split) != OFFICIAL_SPLIT_SIZES[name]:
                 raise BloodcellError(f"{path}: {name} has {len(split)} images, expected {OFFICIAL_SPLIT_SIZES[name]}")
     md5 = md5_of(path)
-    if expected_md5 is not None and md5 != expected_md5:
+    if expected_md5 is not None and md5 != expected_md5 and build is None:
         raise BloodcellError(
             f"{path}: MD5 {md5} does not match the official {expected_md5}; "
             "delete it to download a fresh copy, or use --data-file for your own file"
         )
     official = any(f.md5 == md5 for f in OFFICIAL_FILES.values())
-    return Dataset(path, md5, official, sizes.pop(), **splits)
+    return Dataset(path, md5, official, sizes.pop(), **splits, build=build)
+
+
+def _build_info(path: Path, npz) -> dict | None:
+    """The summary `bloodcell build-data` stores in the files it writes, or None."""
+    if BUILD_KEY not in npz:
+        return None
+    try:
+        info = json.loads(str(npz[BUILD_KEY]))
+    except (ValueError, TypeError):
+        raise BloodcellError(f"{path}: {BUILD_KEY} is not valid JSON") from None
+    if not isinstance(info, dict):
+        raise BloodcellError(f"{path}: {BUILD_KEY} is not a JSON object")
+    return info
 
 
 def load(

@@ -7,26 +7,39 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bloodcell import metrics, plots
+from bloodcell import data, metrics, plots, preprocess
 from bloodcell.data import Split
-from bloodcell.predict import Classifier
+from bloodcell.errors import BloodcellError
+from bloodcell.predict import Classifier, PredictOptions
 
 
-def evaluate(classifier: Classifier, split: Split, tta: bool = False, logits: torch.Tensor | None = None) -> dict:
-    """Headline metrics (calibrated and raw), per-class table and accuracy CI.
+def evaluate(
+    classifier: Classifier,
+    split: Split,
+    tta: bool = False,
+    logits: torch.Tensor | None = None,
+    ood_scores: torch.Tensor | None = None,
+    min_confidence: float = PredictOptions().min_confidence,
+) -> dict:
+    """Headline metrics (calibrated and raw), per-class table, accuracy CI, and the share of images
+    that would be flagged for review (low confidence, or unlike the training images).
 
     Callers that already have the split's logits (training, the report) pass them in.
     """
     labels = split.labels.numpy()
     if logits is None:
-        logits = classifier.logits(split.images, tta=tta)
+        logits, ood_scores = classifier.logits_and_ood(split.images, tta=tta)
     raw = torch.softmax(logits, 1).numpy()
     calibrated = classifier.calibrated(logits).numpy()
     preds = calibrated.argmax(1)
     result = metrics.classification_metrics(labels, calibrated)
     uncalibrated = metrics.classification_metrics(labels, raw)
     low, high = metrics.bootstrap_accuracy_ci(labels, preds)
+    flagged = calibrated.max(1) < min_confidence
+    if ood_scores is not None and classifier.ood is not None:
+        flagged |= ood_scores.numpy() > classifier.ood.threshold
     return result | {
+        "flagged_fraction": float(flagged.mean()),
         "accuracy_ci95": [low, high],
         "nll_uncalibrated": uncalibrated["nll"],
         "ece_uncalibrated": uncalibrated["ece"],
@@ -75,6 +88,7 @@ def format_metrics(result: dict) -> str:
         f"NLL                 {result['nll_uncalibrated']:.4f} -> {result['nll']:.4f} calibrated "
         f"(T={result['temperature']:.3f})",
         f"ECE (15 bins)       {result['ece_uncalibrated']:.4f} -> {result['ece']:.4f} calibrated",
+        f"flagged for review  {result['flagged_fraction']:.1%}",
         "",
         f"{'class':<22}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}",
     ]
@@ -82,4 +96,129 @@ def format_metrics(result: dict) -> str:
         lines.append(
             f"{row['class']:<22}{row['precision']:>10.4f}{row['recall']:>10.4f}{row['f1']:>10.4f}{row['support']:>9}"
         )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- labelled folders of real images
+
+
+def labelled_folders(folders, classes: tuple[str, ...]) -> tuple[list[Path], list[int], dict[str, int]]:
+    """Image files under `folder/<class>/` for each folder, pooled, with their class index, and the
+    number of images per class.
+
+    Folder names are matched to `classes` case-insensitively, with aliases (`ig`, `NEUTROPHIL`,
+    `basophils` ...); an unknown name is a one-line error listing what is understood.
+    """
+    files, labels, counts = [], [], {}
+    for folder in map(Path, folders):
+        found = _labelled_folder(folder, classes, counts)
+        files += found[0]
+        labels += found[1]
+    if not files:
+        shown = ", ".join(map(str, folders))
+        raise BloodcellError(f"{shown}: no images in class sub-folders (expected DIR/<class>/*.jpg ...)")
+    return files, labels, counts
+
+
+def _labelled_folder(folder: Path, classes: tuple[str, ...], counts: dict[str, int]) -> tuple[list[Path], list[int]]:
+    if not folder.is_dir():
+        raise BloodcellError(f"{folder}: not a folder of class sub-folders")
+    files, labels = [], []
+    unknown = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        name = data.class_named(sub.name)
+        if name is None or name not in classes:
+            unknown.append(sub.name)
+            continue
+        found = preprocess.find_images([sub])
+        counts[name] = counts.get(name, 0) + len(found)
+        files += found
+        labels += [classes.index(name)] * len(found)
+    if unknown:
+        known = "; ".join(f"{c} ({', '.join(data.CLASS_ALIASES.get(c, ()))})" for c in classes)
+        raise BloodcellError(
+            f"{folder}: unknown class folder(s) {', '.join(map(repr, unknown))}; known names and aliases: {known}"
+        )
+    return files, labels
+
+
+def score_records(records: list[dict], labels: list[int], classes: tuple[str, ...], counts: dict[str, int]) -> dict:
+    """Scores of predictions on labelled images, over the classes present only.
+
+    Unreadable files count as wrong; a prediction of a class absent from the folder is wrong
+    too. `selective_accuracy` is the accuracy of the images not flagged for review.
+    """
+    present = sorted(set(labels))
+    predicted = [classes.index(r["class"]) if r["error"] is None else -1 for r in records]
+    correct = np.equal(predicted, labels)
+    flagged = np.array([r["error"] is not None or bool(r["review"]) for r in records])
+    recalls = {classes[k]: float(correct[np.equal(labels, k)].mean()) for k in present}
+    matrix = metrics.confusion_matrix_counts(labels, predicted, len(classes))
+    per_class = []
+    for k in present:
+        tp = int(matrix[k, k])
+        predicted_k = int(matrix[:, k].sum())
+        per_class.append(
+            {
+                "class": classes[k],
+                "support": int(np.equal(labels, k).sum()),
+                "recall": recalls[classes[k]],
+                "precision": tp / predicted_k if predicted_k else 0.0,
+                "flagged": float(flagged[np.equal(labels, k)].mean()),
+            }
+        )
+    kept = ~flagged
+    return selective_scores(records, correct) | {
+        "n": len(records),
+        "classes_present": [classes[k] for k in present],
+        "empty_classes": sorted(name for name, n in counts.items() if n == 0),
+        "accuracy": float(correct.mean()),
+        "macro_recall": float(np.mean(list(recalls.values()))),
+        "flagged_fraction": float(flagged.mean()),
+        "selective_accuracy": float(correct[kept].mean()) if kept.any() else None,
+        "failed": sum(r["error"] is not None for r in records),
+        "per_class": per_class,
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def selective_scores(records: list[dict], correct: np.ndarray) -> dict:
+    """How well confidence and the OOD score rank wrong predictions above right ones (AUROC)."""
+    from sklearn.metrics import roc_auc_score
+
+    usable = [i for i, r in enumerate(records) if r["error"] is None]
+    wrong = ~correct[usable]
+    out: dict[str, float | None] = {"auroc_wrong_confidence": None, "auroc_wrong_ood": None}
+    if wrong.any() and (~wrong).any():
+        out["auroc_wrong_confidence"] = float(roc_auc_score(wrong, [1 - records[i]["probability"] for i in usable]))
+        scores = [records[i].get("ood_score") for i in usable]
+        if all(s is not None for s in scores):
+            out["auroc_wrong_ood"] = float(roc_auc_score(wrong, scores))
+    return out
+
+
+def format_folder_scores(result: dict) -> str:
+    selective = result["selective_accuracy"]
+    lines = [
+        f"images              {result['n']} ({result['failed']} unreadable), classes present: "
+        + ", ".join(result["classes_present"]),
+        f"accuracy            {result['accuracy']:.4f}",
+        f"macro recall        {result['macro_recall']:.4f}  (over the classes present)",
+        f"flagged for review  {result['flagged_fraction']:.1%}",
+        "selective accuracy  " + (f"{selective:.4f}  (of the images not flagged)" if selective is not None else "n/a"),
+        "AUROC wrong/right   "
+        + "  ".join(
+            f"{name} {result[key]:.3f}"
+            for name, key in (("confidence", "auroc_wrong_confidence"), ("OOD score", "auroc_wrong_ood"))
+            if result.get(key) is not None
+        ),
+        "",
+        f"{'class':<22}{'support':>9}{'recall':>10}{'precision':>11}{'flagged':>9}",
+    ]
+    lines += [
+        f"{r['class']:<22}{r['support']:>9}{r['recall']:>10.4f}{r['precision']:>11.4f}{r['flagged']:>9.1%}"
+        for r in result["per_class"]
+    ]
+    if result["empty_classes"]:
+        lines.append(f"empty class folders: {', '.join(result['empty_classes'])}")
     return "\n".join(lines)

@@ -19,7 +19,7 @@ from torch import nn
 
 from bloodcell import plots, preprocess
 from bloodcell.errors import BloodcellError
-from bloodcell.inference import normalize
+from bloodcell.inference import model_input
 from bloodcell.predict import Classifier
 
 
@@ -82,7 +82,8 @@ def explain_image(classifier: Classifier, image: np.ndarray, class_name: str | N
             raise BloodcellError(f"unknown class {class_name!r}; choose one of {', '.join(classifier.classes)}")
         class_index = classifier.classes.index(class_name)
     p = classifier.record.preprocessing
-    x = normalize(torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None], p.mean, p.std)
+    pixels = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None]
+    x = model_input(pixels, p.mean, p.std, p.colour_target)
     return grad_cam(classifier.model, x, class_index, classifier.temperature)
 
 
@@ -104,21 +105,32 @@ def explain_file(
     except preprocess.ImageError as exc:
         raise BloodcellError(f"{path}: {exc}") from None
     crop = crop or classifier.record.preprocessing.crop
-    model_input = classifier.prepare(image, crop)
-    shown = np.asarray(preprocess.centre_crop(image, preprocess.Crop.parse(crop)))
+    model_input, found = classifier.prepare(image, crop)
+    square, _ = preprocess.frame(image, preprocess.Crop.parse(crop))
+    shown = np.asarray(square)
     explanation = explain_image(classifier, model_input, class_name)
     target, n = Path(out_dir) / f"{Path(path).stem}_gradcam.png", 1
     while target in taken:
         n += 1
         target = Path(out_dir) / f"{Path(path).stem}-{n}_gradcam.png"
-    return render(classifier, explanation, shown, target, str(path))
+    source = (np.asarray(image), found.box(), "cell found" if found.found else "no cell found") if found else None
+    return render(classifier, explanation, shown, target, str(path), source)
 
 
-def render(classifier: Classifier, explanation: Explanation, shown: np.ndarray, path: Path, source: str) -> Path:
+def render(
+    classifier: Classifier,
+    explanation: Explanation,
+    shown: np.ndarray,
+    path: Path,
+    source: str,
+    original: tuple[np.ndarray, tuple[int, int, int, int], str] | None = None,
+) -> Path:
+    """The Grad-CAM figure; with `original` (image, frame box, caption), the whole image with the
+    frame the cell finder chose is drawn beside it."""
     predicted = classifier.classes[explanation.predicted_index]
     target = classifier.classes[explanation.class_index]
     title = f"{Path(source).name}: predicted {predicted}"
     if target != predicted:
         title += f"; map for {target}"
     title += f" (p={explanation.probability:.3f})"
-    return plots.gradcam(shown, explanation.heatmap, path, title)
+    return plots.gradcam(shown, explanation.heatmap, path, title, original=original)

@@ -13,18 +13,12 @@ import torch
 from torch import nn
 
 from bloodcell import models
-from bloodcell.augment import dihedral
+from bloodcell.augment import dihedral, normalize
+from bloodcell.colour import normalize_colours
 from bloodcell.errors import BloodcellError
 from bloodcell.runs import RunRecord
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (N,3,H,W) -> float32, normalised per channel (`mean`/`std` in [0, 1] units)."""
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
-    return (images.float() - mean_t) / std_t
 
 
 def build(record: RunRecord, weights: dict[str, torch.Tensor], precision: str = "float32") -> nn.Module:
@@ -47,6 +41,24 @@ def compiled(model: nn.Module) -> nn.Module:
     return torch.compile(model, dynamic=False, options={"freezing": True})
 
 
+def model_input(
+    images: torch.Tensor, mean: Sequence[float], std: Sequence[float], colour_target: Sequence[float] | None = None
+) -> torch.Tensor:
+    """uint8 images -> the float tensor a network takes: colours normalised (with a
+    `colour_target`, see `colour`), then per-channel mean/std normalisation."""
+    if colour_target is None:
+        return normalize(images, mean, std)
+    return normalize(normalize_colours(images.float() / 255, colour_target) * 255, mean, std)
+
+
+def final_linear(model: nn.Module) -> nn.Linear:
+    """The layer whose input is the network's image features (the head)."""
+    linears = [m for m in getattr(model, "_orig_mod", model).modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise BloodcellError("this model has no final linear layer to read features from")
+    return linears[-1]
+
+
 @torch.no_grad()
 def logits(
     model: nn.Module,
@@ -55,8 +67,11 @@ def logits(
     std: Sequence[float],
     batch_size: int = 1024,
     tta: bool = False,
-) -> torch.Tensor:
+    colour_target: Sequence[float] | None = None,
+    features: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Float32 logits for uint8 images (N,3,H,W); with `tta`, averaged over the 8 flips/rotations.
+    With `features`, also the input of the final linear layer (averaged the same way).
 
     Inputs follow the model's weights: their dtype (bfloat16 models get bfloat16 inputs) and, for
     channels-last convolution weights, channels-last memory (which oneDNN runs fastest on CPU).
@@ -68,9 +83,30 @@ def logits(
     )
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     views = range(8) if tta else range(1)
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = normalize(images[start : start + batch_size], mean, std).to(first.dtype)
-        per_view = [model(dihedral(x, k).contiguous(memory_format=memory_format)).float() for k in views]
-        out.append(torch.stack(per_view).mean(dim=0))
-    return torch.cat(out) if out else torch.empty(0, models.NUM_CLASSES)
+    captured: list[torch.Tensor] = []
+    hook = final_linear(model).register_forward_hook(lambda m, i, o: captured.append(i[0])) if features else None
+    # a compiled graph may not call the hook: then features come from the eager module
+    eager = getattr(model, "_orig_mod", model)
+    out, feats = [], []
+    try:
+        for start in range(0, len(images), batch_size):
+            x = model_input(images[start : start + batch_size], mean, std, colour_target).to(first.dtype)
+            per_view, per_view_features = [], []
+            for k in views:
+                view = dihedral(x, k).contiguous(memory_format=memory_format)
+                captured.clear()
+                per_view.append(model(view).float())
+                if features:
+                    if not captured:
+                        eager(view)
+                    per_view_features.append(captured[-1].float())
+            out.append(torch.stack(per_view).mean(dim=0))
+            if features:
+                feats.append(torch.stack(per_view_features).mean(dim=0))
+    finally:
+        if hook is not None:
+            hook.remove()
+    result = torch.cat(out) if out else torch.empty(0, models.NUM_CLASSES)
+    if not features:
+        return result
+    return result, (torch.cat(feats) if feats else torch.empty(0, 0))

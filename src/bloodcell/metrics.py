@@ -33,6 +33,15 @@ def confusion(labels: np.ndarray, preds: np.ndarray) -> np.ndarray:
     return skm.confusion_matrix(labels, preds, labels=list(range(len(CLASSES))))
 
 
+def confusion_matrix_counts(labels, preds, n_classes: int) -> np.ndarray:
+    """Rows: true class; columns: predicted class; a prediction of -1 (no prediction) is dropped."""
+    matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
+    for true, pred in zip(labels, preds):
+        if pred >= 0:
+            matrix[true, pred] += 1
+    return matrix
+
+
 def per_class(labels: np.ndarray, preds: np.ndarray) -> list[dict]:
     p, r, f, support = skm.precision_recall_fscore_support(
         labels, preds, labels=list(range(len(CLASSES))), zero_division=0
@@ -75,7 +84,7 @@ def bootstrap_accuracy_ci(
     return float(low), float(high)
 
 
-HEADLINE = ("accuracy", "balanced_accuracy", "auc_macro_ovr", "f1_macro", "nll", "ece")
+HEADLINE = ("accuracy", "balanced_accuracy", "auc_macro_ovr", "f1_macro", "nll", "ece", "flagged_fraction")
 
 
 def headline(values: dict) -> dict:

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -97,19 +98,20 @@ def examples_per_class(images: torch.Tensor, labels: torch.Tensor, path: Path, p
     return _save(fig, path)
 
 
-def confusion_matrix(matrix: np.ndarray, path: Path, title: str = "") -> Path:
-    """Counts beside the row-normalised matrix (rows: true class), classes on both axes."""
+def confusion_matrix(
+    matrix: np.ndarray, path: Path, title: str = "", rows: Sequence[str] = CLASSES, columns: Sequence[str] = CLASSES
+) -> Path:
+    """Counts beside the row-normalised matrix (rows: true class, columns: predicted class)."""
     matrix = np.asarray(matrix)
     normalised = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    fig, axes = plt.subplots(1, 2, figsize=(15, 6.4))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 1.6 + 0.6 * len(rows)))
     for ax, values, fmt, name in (
         (axes[0], matrix, "{:.0f}", "counts"),
         (axes[1], normalised, "{:.2f}", "row-normalised"),
     ):
         ax.imshow(values, cmap="Blues", vmin=0)
-        ticks = np.arange(len(CLASSES))
-        ax.set_xticks(ticks, CLASSES, rotation=35, ha="right")
-        ax.set_yticks(ticks, CLASSES)
+        ax.set_xticks(np.arange(len(columns)), columns, rotation=35, ha="right")
+        ax.set_yticks(np.arange(len(rows)), rows)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(f"{title} ({name})" if title else name)
@@ -200,15 +202,31 @@ def heat_overlay(image: np.ndarray, heatmap: np.ndarray, side: int) -> np.ndarra
     return (0.55 * base + 0.45 * colours).astype(np.uint8)
 
 
-def gradcam(image: np.ndarray, heatmap: np.ndarray, path: Path, title: str, side: int = 280) -> Path:
-    """The input beside its Grad-CAM overlay, both at a visible size."""
-    fig, axes = plt.subplots(1, 2, figsize=(7.5, 4.1))
-    axes[0].imshow(_upscale(image, side))
-    axes[0].set_title("input")
-    axes[1].imshow(heat_overlay(image, heatmap, side))
-    axes[1].set_title("Grad-CAM")
+def gradcam(
+    image: np.ndarray,
+    heatmap: np.ndarray,
+    path: Path,
+    title: str,
+    side: int = 280,
+    original: tuple[np.ndarray, tuple[int, int, int, int], str] | None = None,
+) -> Path:
+    """The input beside its Grad-CAM overlay, both at a visible size; with `original` (the whole
+    image, the frame's box, a caption), the whole image with the frame drawn comes first."""
+    panels = 3 if original is not None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(3.75 * panels, 4.1))
+    if original is not None:
+        whole, (left, top, right, bottom), caption = original
+        axes[0].imshow(whole)
+        axes[0].add_patch(Rectangle((left, top), right - left, bottom - top, fill=False, color="lime", lw=2))
+        axes[0].set_xlim(min(0, left) - 2, max(whole.shape[1], right) + 2)
+        axes[0].set_ylim(max(whole.shape[0], bottom) + 2, min(0, top) - 2)
+        axes[0].set_title(caption)
+    axes[-2].imshow(_upscale(image, side))
+    axes[-2].set_title("input")
+    axes[-1].imshow(heat_overlay(image, heatmap, side))
+    axes[-1].set_title("Grad-CAM")
     scale = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap="jet")
-    fig.colorbar(scale, ax=axes[1], fraction=0.046, pad=0.04)
+    fig.colorbar(scale, ax=axes[-1], fraction=0.046, pad=0.04)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -243,4 +261,20 @@ def gallery(images: Sequence[np.ndarray], captions: Sequence[str], path: Path, n
     for ax, image, caption in zip(axes.flat, images, captions):
         ax.imshow(image, interpolation="nearest")
         ax.set_title(caption, fontsize=7.5)
+    return _save(fig, path)
+
+
+def robustness(result: dict, path: Path, title: str = "") -> Path:
+    """Accuracy against corruption severity, one line per family, clean accuracy dashed."""
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    severities = np.arange(1, 6)
+    for family, values in result["accuracy"].items():
+        ax.plot(severities, values, marker="o", ms=3, label=family.replace("_", " "))
+    ax.axhline(result["clean"], color="black", ls="--", lw=1, label="clean")
+    ax.set_xticks(severities)
+    ax.set_xlabel("severity (MedMNIST-C)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title or f"corrupted test images: mean {result['mean_corrupted']:.3f} vs clean {result['clean']:.3f}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2, loc="lower left")
     return _save(fig, path)

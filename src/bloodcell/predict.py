@@ -23,6 +23,7 @@ from tqdm import tqdm
 from bloodcell import inference, preprocess, runs
 from bloodcell.config import knob
 from bloodcell.errors import BloodcellError
+from bloodcell.ood import OodModel
 from bloodcell.runs import RunRecord
 
 
@@ -65,6 +66,7 @@ class Classifier:
 
     model: nn.Module
     record: RunRecord
+    ood: OodModel | None = None  # scores how unlike the training images an input is
 
     @classmethod
     def from_run(cls, run_dir: str | Path, precision: str = "float32", compile: bool = False) -> Classifier:
@@ -78,7 +80,9 @@ class Classifier:
             model = inference.build(record, runs.read_weights(run_dir), precision)
         except BloodcellError as exc:
             raise BloodcellError(f"{run_dir}: {exc}") from None
-        return cls(inference.compiled(model) if compile else model, record)
+        ood_tensors = runs.read_ood(run_dir, record)
+        ood = OodModel.from_tensors(ood_tensors) if ood_tensors is not None else None
+        return cls(inference.compiled(model) if compile else model, record, ood)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -124,7 +128,20 @@ class Classifier:
     def logits(self, images: torch.Tensor | np.ndarray, tta: bool = False, batch_size: int = 1024) -> torch.Tensor:
         """Uncalibrated logits, (N, classes) float32."""
         p = self.record.preprocessing
-        return inference.logits(self.model, self.as_uint8_nchw(images), p.mean, p.std, batch_size, tta)
+        return inference.logits(self.model, self.as_uint8_nchw(images), p.mean, p.std, batch_size, tta, p.colour_target)
+
+    def logits_and_ood(
+        self, images: torch.Tensor | np.ndarray, tta: bool = False, batch_size: int = 1024
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits and, if the run has an out-of-distribution model, each image's OOD score."""
+        if self.ood is None:
+            return self.logits(images, tta, batch_size), None
+        p = self.record.preprocessing
+        images = self.as_uint8_nchw(images)
+        logits, features = inference.logits(
+            self.model, images, p.mean, p.std, batch_size, tta, p.colour_target, features=True
+        )
+        return logits, self.ood.score(features)
 
     def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
         """softmax(logits / temperature): the probabilities every output reports."""
@@ -139,10 +156,14 @@ class Classifier:
 
     # ------------------------------------------------------------ full-size images
 
-    def prepare(self, source: preprocess.ImageSource, crop: str | None = None) -> np.ndarray:
-        """One image (path, bytes, PIL image or HWC array) -> the uint8 HWC model input."""
+    def prepare(
+        self, source: preprocess.ImageSource, crop: str | None = None
+    ) -> tuple[np.ndarray, preprocess.CellFrame | None]:
+        """One image (path, bytes, PIL image or HWC array) -> the uint8 HWC model input, and where
+        the cell was found (crop 'cell')."""
         p = self.record.preprocessing
-        return preprocess.load(source, p.image_size, preprocess.Crop.parse(crop or p.crop), p.medmnist_filter)
+        image = preprocess.open_image(source)
+        return preprocess.prepare_framed(image, p.image_size, preprocess.Crop.parse(crop or p.crop), p.medmnist_filter)
 
     def predict_files(
         self, paths: Iterable[str | Path], options: PredictOptions | None = None, progress: bool = False, **overrides
@@ -167,50 +188,104 @@ class Classifier:
         self, named: list[tuple[str, preprocess.ImageSource]], options: PredictOptions, progress: bool = False
     ) -> list[dict]:
         """The one pipeline: decode in threads, preprocess, classify in batches, one record per input."""
+        records: list[dict] = []
+        with tqdm(total=len(named), unit="img", disable=not progress) as bar:
+            for start in range(0, len(named), options.batch_size):
+                chunk = named[start : start + options.batch_size]
+                prepared = self.prepare_sources(chunk, options)
+                records += self.classify_prepared([name for name, _ in chunk], prepared, options)
+                bar.update(len(chunk))
+        return records
+
+    def prepare_sources(self, named: list[tuple[str, preprocess.ImageSource]], options: PredictOptions) -> list:
+        """Decode and frame images in threads: per input, (model input, cell frame) or why it failed."""
         workers = options.workers or min(8, (os.cpu_count() or 2) * 2)
 
-        def prepared_or_reason(source) -> np.ndarray | str:
+        def prepared_or_reason(source) -> tuple[np.ndarray, preprocess.CellFrame | None] | str:
             try:
                 return self.prepare(source, options.crop)
             except preprocess.ImageError as exc:
                 return str(exc)
 
-        records: list[dict] = []
-        with ThreadPoolExecutor(workers) as pool, tqdm(total=len(named), unit="img", disable=not progress) as bar:
-            for start in range(0, len(named), options.batch_size):
-                chunk = named[start : start + options.batch_size]
-                loaded = list(pool.map(prepared_or_reason, [source for _, source in chunk]))
-                records += self._records([name for name, _ in chunk], loaded, options)
-                bar.update(len(chunk))
-        return records
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(prepared_or_reason, [source for _, source in named]))
 
-    def _records(self, names: list[str], loaded: list[np.ndarray | str], options: PredictOptions) -> list[dict]:
+    def classify_prepared(self, names: list[str], prepared: list, options: PredictOptions) -> list[dict]:
+        """One record per input of `prepare_sources`: the prediction, or the reason it has none."""
+        return self._records(names, prepared, options)
+
+    def _records(self, names: list[str], loaded: list, options: PredictOptions) -> list[dict]:
         good = [i for i, item in enumerate(loaded) if not isinstance(item, str)]
         results: dict[int, dict] = {}
         if good:
-            probs = self.predict_proba(preprocess.to_tensor([loaded[i] for i in good]), options.tta)
-            results = dict(zip(good, self.describe(probs, options)))
-        failed = {"class": None, "probability": None, "top_k": [], "review": False}
+            logits, scores = self.logits_and_ood(preprocess.to_tensor([loaded[i][0] for i in good]), options.tta)
+            frames = [loaded[i][1] for i in good]
+            results = dict(zip(good, self.describe(self.calibrated(logits), options, frames, scores)))
+        failed = {
+            "class": None,
+            "probability": None,
+            "top_k": [],
+            "review": False,
+            "review_reason": None,
+            "ood_score": None,
+        }
         out = []
         for i, name in enumerate(names):
             result = results.get(i)
             if result is None:
-                out.append({"path": name, **failed, "error": loaded[i]})
+                out.append({"path": name, **failed, "cell": None, "error": loaded[i]})
             elif not math.isfinite(result["probability"]):
-                out.append({"path": name, **failed, "error": "the model gave non-finite probabilities"})
+                error = "the model gave non-finite probabilities"
+                out.append({"path": name, **failed, "cell": result["cell"], "error": error})
             else:
                 out.append({"path": name, **result, "error": None})
         return out
 
-    def describe(self, probs: torch.Tensor, options: PredictOptions) -> list[dict]:
-        """Per image: the class, its probability, the top-k classes and the review flag."""
+    def describe(
+        self,
+        probs: torch.Tensor,
+        options: PredictOptions,
+        frames: list | None = None,
+        ood_scores: torch.Tensor | None = None,
+    ) -> list[dict]:
+        """Per image: the class, its probability, the top-k classes, the review flag and its reasons,
+        the out-of-distribution score, and where the cell was found (crop 'cell')."""
         top = probs.topk(min(options.top_k, probs.shape[1]), dim=1)
-        return [
-            {
-                "class": self.classes[indices[0]],
-                "probability": values[0],
-                "top_k": [{"class": self.classes[i], "probability": v} for i, v in zip(indices, values)],
-                "review": values[0] < options.min_confidence,
-            }
-            for values, indices in zip(top.values.tolist(), top.indices.tolist())
-        ]
+        frames = frames or [None] * len(probs)
+        scores = ood_scores.tolist() if ood_scores is not None else [None] * len(probs)
+        threshold = self.ood.threshold if self.ood is not None else None
+        records = []
+        for values, indices, found, score in zip(top.values.tolist(), top.indices.tolist(), frames, scores):
+            reasons = review_reasons(values[0], options.min_confidence, found, score, threshold)
+            records.append(
+                {
+                    "class": self.classes[indices[0]],
+                    "probability": values[0],
+                    "top_k": [{"class": self.classes[i], "probability": v} for i, v in zip(indices, values)],
+                    "review": bool(reasons),
+                    "review_reason": "; ".join(reasons) or None,
+                    "ood_score": score,
+                    "cell": found.describe() if found is not None else None,
+                }
+            )
+        return records
+
+
+def review_reasons(
+    probability: float,
+    min_confidence: float,
+    found: preprocess.CellFrame | None = None,
+    ood_score: float | None = None,
+    ood_threshold: float | None = None,
+) -> list[str]:
+    """Why a cell should be looked at by a person (empty: no reason)."""
+    reasons = []
+    if probability < min_confidence:
+        reasons.append(f"low confidence ({probability:.2f} < {min_confidence:.2f})")
+    if ood_score is not None and ood_threshold is not None and ood_score > ood_threshold:
+        reasons.append(f"unlike the training images (OOD score {ood_score:.0f} > {ood_threshold:.0f})")
+    if found is not None and not found.found:
+        reasons.append("no white cell found")
+    if found is not None and found.candidates > 1:
+        reasons.append(f"{found.candidates} white cells in the image")
+    return reasons

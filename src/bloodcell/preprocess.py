@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from bloodcell import cells
+from bloodcell.cells import CellFrame
 from bloodcell.errors import BloodcellError
 
 MEDMNIST_CROP = 200 / 360  # crop side / short side of the PBC images
@@ -41,12 +43,16 @@ class ImageError(BloodcellError):
 
 @dataclass(frozen=True)
 class Crop:
-    """'medmnist' (the MedMNIST geometry scaled to the image), 'none' (largest centred square), or a fraction."""
+    """How a full-size image is framed: 'cell' (find the white cell, frame it like BloodMNIST),
+    'medmnist' (the MedMNIST geometry scaled to the image), 'none' (largest centred square), or a
+    fraction of the short side, centred."""
 
-    fraction: float
+    fraction: float | None  # None: find the cell
 
     @classmethod
     def parse(cls, spec: str | float) -> Crop:
+        if spec == "cell":
+            return cls(None)
         if spec == "medmnist":
             return cls(MEDMNIST_CROP)
         if spec == "none":
@@ -54,7 +60,9 @@ class Crop:
         try:
             fraction = float(spec)
         except ValueError:
-            raise BloodcellError(f"--crop must be 'medmnist', 'none' or a fraction in (0, 1], got {spec!r}") from None
+            raise BloodcellError(
+                f"--crop must be 'cell', 'medmnist', 'none' or a fraction in (0, 1], got {spec!r}"
+            ) from None
         if not 0 < fraction <= 1:
             raise BloodcellError(f"--crop fraction must be in (0, 1], got {fraction}")
         return cls(fraction)
@@ -74,11 +82,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def centre_crop(image: Image.Image, crop: Crop) -> Image.Image:
+def centre_crop(image: Image.Image, fraction: float) -> Image.Image:
     width, height = image.size
-    side = max(1, round(min(width, height) * crop.fraction))
+    side = max(1, round(min(width, height) * fraction))
     left, top = (width - side) // 2, (height - side) // 2
     return image.crop((left, top, left + side, top + side))
+
+
+def frame(image: Image.Image, crop: Crop) -> tuple[Image.Image, CellFrame | None]:
+    """The square of `image` the model sees, and where the cell was found (for crop 'cell')."""
+    if crop.fraction is not None:
+        return centre_crop(image, crop.fraction), None
+    found = cells.locate(image)
+    return cells.crop(image, found), found
 
 
 def _neighbourhoods(images: np.ndarray, radius: int) -> np.ndarray:
@@ -115,16 +131,25 @@ def medmnist_filter() -> np.ndarray | None:
 
 
 def prepare(image: Image.Image, size: int = 28, crop: Crop = Crop(MEDMNIST_CROP), emulate: bool = True) -> np.ndarray:
-    """An RGB PIL image (from `open_image`) -> uint8 (size, size, 3), cropped and resized the MedMNIST way.
+    """An RGB PIL image (from `open_image`) -> uint8 (size, size, 3), cropped and resized the MedMNIST way."""
+    return prepare_framed(image, size, crop, emulate)[0]
 
-    `emulate` applies the fitted MedMNIST filter (28 px, MedMNIST crop only, where it was fitted).
+
+def prepare_framed(
+    image: Image.Image, size: int = 28, crop: Crop = Crop(MEDMNIST_CROP), emulate: bool = True
+) -> tuple[np.ndarray, CellFrame | None]:
+    """`prepare`, also returning where the cell was found (crop 'cell').
+
+    `emulate` applies the fitted MedMNIST filter at 28 px to MedMNIST-scale frames (the MedMNIST
+    crop, and the cell crop, which frames cells at the same scale).
     """
-    square = centre_crop(image, crop)
+    square, found = frame(image, crop)
     resized = np.asarray(square.resize((size, size), Image.BILINEAR), dtype=np.uint8)
     weights = medmnist_filter()
-    if emulate and size == 28 and crop.fraction == MEDMNIST_CROP and weights is not None:
-        return apply_medmnist_filter(resized, weights)
-    return resized
+    medmnist_scale = crop.fraction in (None, MEDMNIST_CROP)
+    if emulate and size == 28 and medmnist_scale and weights is not None:
+        return apply_medmnist_filter(resized, weights), found
+    return resized, found
 
 
 def open_image(source: ImageSource) -> Image.Image:

@@ -178,8 +178,23 @@ def run_report(classifier: Classifier, run_dir: Path, dataset: Dataset, out: Pat
             _section("unsure", "Least confident correct predictions", _img(figures["unsure"], "least confident", tmp)),
             _section("gradcam", "Grad-CAM, two per class", _img(figures["gradcam"], "Grad-CAM examples", tmp)),
         ]
+        if (run_dir / "robustness.json").is_file():
+            sections.append(_robustness_section(read_json(run_dir / "robustness.json"), tmp))
         document = _page(f"bloodcell report: {run_dir.name}", sections)
     return write_text(Path(out), document)
+
+
+def _robustness_section(result: dict, tmp: Path) -> str:
+    """`bloodcell robustness` results: the table and the figure, redrawn from the JSON."""
+    figure = plots.robustness(result, tmp / "robustness.png")
+    rows = [[name, *(f"{v:.4f}" for v in values)] for name, values in result["accuracy"].items()]
+    note = (
+        f"<p class='muted'>{result['n']} {html.escape(str(result['split']))} images, each enlarged to 224 px, "
+        f"corrupted with MedMNIST-C's parameters and reduced again; clean accuracy {result['clean']:.4f}, "
+        f"mean over corruptions {result['mean_corrupted']:.4f}.</p>"
+    )
+    table = _table(["corruption", *(f"severity {s}" for s in range(1, 6))], rows)
+    return _section("robustness", "Robustness to corruptions", table + note + _img(figure, "robustness", tmp))
 
 
 def study_report(study_dir: Path, out: Path) -> Path:

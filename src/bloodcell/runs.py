@@ -2,6 +2,7 @@
 
 RUN_DIR/model.safetensors   weights only (never pickled)
 RUN_DIR/model.json          the RunRecord: architecture, classes, preprocessing, temperature, provenance
+RUN_DIR/ood.safetensors     class centres and precision of the training features (out-of-distribution score)
 RUN_DIR/metrics.json        val/test metrics
 RUN_DIR/history.csv         per-epoch loss/accuracy
 RUN_DIR/checkpoint/         resumable training state while training (see `checkpoint`)
@@ -28,10 +29,11 @@ from bloodcell.preprocess import Crop
 SCHEMA_VERSION = 2  # 1: the first release's model.json (no "schema" key, "normalize" at the top)
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_META = "model.json"
+OOD_WEIGHTS = "ood.safetensors"
 METRICS = "metrics.json"
 HISTORY = "history.csv"
 CHECKPOINT = "checkpoint"
-RUN_FILES = (MODEL_WEIGHTS, MODEL_META, METRICS, HISTORY, CHECKPOINT)
+RUN_FILES = (MODEL_WEIGHTS, MODEL_META, OOD_WEIGHTS, METRICS, HISTORY, CHECKPOINT)
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,9 @@ class Preprocessing:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    crop: str = "medmnist"  # framing of full-size images: medmnist | none | a fraction
+    crop: str = "medmnist"  # framing of full-size images: cell | medmnist | none | a fraction
     medmnist_filter: bool = True  # the fitted 28 px filter that mimics MedMNIST's resize
+    colour_target: tuple[float, ...] | None = None  # Lab means and stds every image is moved to (None: off)
 
 
 @dataclass(frozen=True)
@@ -54,10 +57,12 @@ class RunRecord:
     preprocessing: Preprocessing
     arch_args: dict = field(default_factory=dict)
     temperature: float = 1.0
+    ood_threshold: float | None = None  # review images whose OOD score is above this (ood.safetensors)
     train_config: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)  # provenance: file, md5, official
     metrics: dict = field(default_factory=dict)  # headline numbers per split
     train_seconds: float | None = None
+    warnings: tuple[str, ...] = ()  # shown whenever the run classifies full-size images
     bloodcell_version: str = __version__
     schema: int = SCHEMA_VERSION
 
@@ -88,16 +93,24 @@ class RunRecord:
             if not isinstance(classes, (list, tuple)):
                 raise BloodcellError(f"{source}: classes must be a list of names, got {type(classes).__name__}")
             preprocessing = Preprocessing(**_as_dict(values["preprocessing"], "preprocessing", source))
+            preprocessing = replace(
+                preprocessing,
+                mean=_tuple(preprocessing.mean),
+                std=_tuple(preprocessing.std),
+                colour_target=_tuple(preprocessing.colour_target),
+            )
             record = cls(
                 arch=values["arch"],
                 classes=tuple(classes),
-                preprocessing=replace(preprocessing, mean=_tuple(preprocessing.mean), std=_tuple(preprocessing.std)),
+                preprocessing=preprocessing,
                 arch_args=_as_dict(values.get("arch_args", {}), "arch_args", source),
                 temperature=values.get("temperature", 1.0),
+                ood_threshold=values.get("ood_threshold"),
                 train_config=_as_dict(values.get("train_config", {}), "train_config", source),
                 data=_as_dict(values.get("data", {}), "data", source),
                 metrics=_as_dict(values.get("metrics", {}), "metrics", source),
                 train_seconds=values.get("train_seconds"),
+                warnings=tuple(values.get("warnings", ())),
                 bloodcell_version=str(values.get("bloodcell_version", "unknown")),
                 schema=SCHEMA_VERSION,
             )
@@ -124,6 +137,14 @@ class RunRecord:
                 raise BloodcellError(f"{source}: normalisation {name} must be three finite numbers, got {values!r}")
         if min(p.std) <= 0:
             raise BloodcellError(f"{source}: normalisation std must be positive, got {p.std!r}")
+        target = p.colour_target
+        if target is not None and not (
+            isinstance(target, (list, tuple))
+            and len(target) == 6
+            and all(map(_is_finite, target))
+            and min(target[3:]) > 0
+        ):
+            raise BloodcellError(f"{source}: colour_target must be six finite numbers (Lab means, stds > 0)")
         if not isinstance(p.medmnist_filter, bool):
             raise BloodcellError(f"{source}: medmnist_filter must be true or false, got {p.medmnist_filter!r}")
         try:
@@ -132,6 +153,8 @@ class RunRecord:
             raise BloodcellError(f"{source}: unknown crop {p.crop!r}") from None
         if not (_is_finite(self.temperature) and self.temperature > 0):
             raise BloodcellError(f"{source}: temperature must be a positive number, got {self.temperature!r}")
+        if self.ood_threshold is not None and not (_is_finite(self.ood_threshold) and self.ood_threshold > 0):
+            raise BloodcellError(f"{source}: ood_threshold must be a positive number, got {self.ood_threshold!r}")
         models.check_args(self.arch_args)
 
     def with_temperature(self, temperature: float) -> RunRecord:
@@ -191,9 +214,27 @@ def read_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def write_model(run_dir: str | Path, record: RunRecord, weights: dict[str, torch.Tensor]) -> None:
-    """Weights first, then the record: a folder with model.json is always a complete model."""
+def read_ood(run_dir: str | Path, record: RunRecord) -> dict[str, torch.Tensor] | None:
+    """The out-of-distribution model's tensors, if the record has a threshold (checked for NaN)."""
+    if record.ood_threshold is None:
+        return None
+    path = Path(run_dir) / OOD_WEIGHTS
+    tensors = load_tensors(path)
+    if {"means", "precision", "threshold"} - set(tensors) or not all(torch.isfinite(t).all() for t in tensors.values()):
+        raise BloodcellError(f"{path}: not a valid out-of-distribution model (missing or non-finite values)")
+    return tensors
+
+
+def write_model(
+    run_dir: str | Path,
+    record: RunRecord,
+    weights: dict[str, torch.Tensor],
+    ood: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Tensors first, then the record: a folder with model.json is always a complete model."""
     save_tensors(Path(run_dir) / MODEL_WEIGHTS, weights)
+    if ood is not None:
+        save_tensors(Path(run_dir) / OOD_WEIGHTS, ood)
     write_json(Path(run_dir) / MODEL_META, record.to_json())
 
 

@@ -104,7 +104,9 @@ def cross_validate(model_name: str, protocol: str, pool: Split, test: Split, con
             fold_config,
             progress=False,
         )
-        probs = torch.softmax(inference.logits(result.model, test.images, result.mean, result.std), 1).numpy()
+        probs = torch.softmax(
+            inference.logits(result.model, test.images, result.mean, result.std, colour_target=result.colour_target), 1
+        ).numpy()
         fold_metrics.append(metrics.classification_metrics(test.labels.numpy(), probs))
         predictions.append(probs.argmax(1))
         curves += [{"model": model_name, "protocol": protocol, "fold": fold + 1, **row} for row in result.history]

@@ -19,7 +19,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from bloodcell import checkpoint, inference, models
+from bloodcell import checkpoint, colour, inference, models, preprocess
 from bloodcell.augment import AugmentConfig, augment_batch, channel_stats
 from bloodcell.checkpoint import TrainingState
 from bloodcell.config import knob
@@ -33,6 +33,14 @@ def _whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _crop_ok(spec) -> bool:
+    try:
+        preprocess.Crop.parse(spec)
+    except BloodcellError:
+        return False
+    return True
+
+
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -42,6 +50,7 @@ class TrainConfig:
     """A training recipe; the defaults are bloodcell's recommended settings for 28 px BloodMNIST."""
 
     model: str = knob("res-small", "architecture from the registry", choices=models.names)
+    image_size: int = knob(28, "image size in pixels: 28, 64, 128 or 224 (the BloodMNIST file of that size)")
     epochs: int = knob(45, "passes over the training split")
     batch_size: int = knob(256, "images per step")
     lr: float = knob(6e-3, "peak learning rate")
@@ -51,11 +60,19 @@ class TrainConfig:
     # 0.1 cost val AUC: it flattens the runner-up logits that rank ambiguous cells
     label_smoothing: float = knob(0.0, "label smoothing of the cross-entropy")
     mixup: float = knob(0.0, "mixup Beta(a, a) parameter; 0 disables")
+    distill: float = knob(0.0, "weight of a teacher run's soft predictions in the loss (train --teacher)")
+    distill_temperature: float = knob(2.0, "softmax temperature of the distillation targets")
     augment: AugmentConfig = AugmentConfig(sharpness=1.0)
     ema_decay: float = knob(0.0, "weight EMA decay; 0 disables")
     normalize: str = knob(
         "dataset", "dataset: train-split channel stats; study: mean/std 0.5", choices=lambda: ["dataset", "study"]
     )
+    colour: str = knob(
+        "none",
+        "per-image colour normalisation (lab: Reinhard in CIE Lab, see bloodcell.colour)",
+        choices=lambda: ["none", "lab"],
+    )
+    crop: str = knob("medmnist", "how the trained model frames full-size images (cell, medmnist, none or a fraction)")
     patience: int | None = knob(None, "early stopping on validation loss after this many bad epochs")
     channels_last: bool = knob(True, "channels-last memory (faster convolutions on CPU)")
     seed: int = knob(42, "random seed")
@@ -63,6 +80,7 @@ class TrainConfig:
     def __post_init__(self):
         checks = [
             (self.model in models.names(), f"unknown model {self.model!r}; choose one of {', '.join(models.names())}"),
+            (_whole(self.image_size) and 8 <= self.image_size <= 1024, f"bad image size {self.image_size!r}"),
             (_whole(self.epochs) and 1 <= self.epochs <= 10_000, f"epochs must be 1..10000, got {self.epochs!r}"),
             (
                 _whole(self.batch_size) and 1 <= self.batch_size <= 65_536,
@@ -75,8 +93,12 @@ class TrainConfig:
             ),
             (_number(self.label_smoothing) and 0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
             (_number(self.mixup) and self.mixup >= 0, f"mixup must be >= 0, got {self.mixup!r}"),
+            (_number(self.distill) and 0 <= self.distill <= 1, f"distill must be in [0, 1], got {self.distill!r}"),
+            (_number(self.distill_temperature) and self.distill_temperature > 0, "distill temperature must be > 0"),
             (_number(self.ema_decay) and 0 <= self.ema_decay < 1, "EMA decay must be in [0, 1)"),
             (self.patience is None or (_whole(self.patience) and self.patience >= 1), "patience must be at least 1"),
+            (self.colour in ("none", "lab"), f"colour must be none or lab, got {self.colour!r}"),
+            (_crop_ok(self.crop), f"crop must be cell, medmnist, none or a fraction in (0, 1], got {self.crop!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -132,16 +154,27 @@ class FitResult:
     best_epoch: int
     mean: list[float]
     std: list[float]
+    colour_target: list[float] | None
     seconds: float
     finished: bool  # False when stopped by `stop_after_epochs` (an interruption): resume later
 
 
-def normalization(config: TrainConfig, train: Split) -> tuple[list[float], list[float]]:
+def normalization(config: TrainConfig, train: Split) -> tuple[list[float], list[float], list[float] | None]:
+    """Channel mean and std, and the colour reference (None without colour normalisation)."""
+    target = colour.reference(train.images) if config.colour == "lab" else None
     if config.normalize == "study":
-        return STUDY_NORMALIZATION
-    if config.normalize == "dataset":
-        return channel_stats(train.images)
-    raise BloodcellError(f"unknown normalisation {config.normalize!r}; use 'dataset' or 'study'")
+        return (*STUDY_NORMALIZATION, target)
+    if config.normalize != "dataset":
+        raise BloodcellError(f"unknown normalisation {config.normalize!r}; use 'dataset' or 'study'")
+    if target is None:
+        return (*channel_stats(train.images), target)
+    normalised = torch.cat(
+        [
+            (colour.normalize_colours(train.images[i : i + 4096].float() / 255, target) * 255).round().to(torch.uint8)
+            for i in range(0, len(train), 4096)
+        ]
+    )
+    return (*channel_stats(normalised), target)
 
 
 def build_model(config: TrainConfig, image_size: int) -> nn.Module:
@@ -195,8 +228,14 @@ def mixup_batch(
     return weight * x + (1 - weight) * x[partner], partner, weight
 
 
-def evaluate_loss_accuracy(model: nn.Module, split: Split, mean, std) -> tuple[float, float]:
-    logits = inference.logits(model, split.images, mean, std)
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al.'s soft-target loss: KL(teacher || student) at `temperature`, scaled by T^2."""
+    targets = F.softmax(teacher / temperature, dim=1)
+    return F.kl_div(F.log_softmax(student / temperature, dim=1), targets, reduction="batchmean") * temperature**2
+
+
+def evaluate_loss_accuracy(model: nn.Module, split: Split, mean, std, colour_target=None) -> tuple[float, float]:
+    logits = inference.logits(model, split.images, mean, std, colour_target=colour_target)
     loss = F.cross_entropy(logits, split.labels).item()
     return loss, (logits.argmax(1) == split.labels).float().mean().item()
 
@@ -212,14 +251,21 @@ def fit(
     progress: bool = True,
     description: str = "training",
     stop_after_epochs: int | None = None,
+    normalisation: tuple | None = None,
+    teacher_logits: torch.Tensor | None = None,
 ) -> FitResult:
     """Train `model` on `train` per `config`; validate on `val` after each epoch.
 
     With `checkpoint_dir`, a checkpoint is written after each epoch and `resume=True` continues
     from it. `stop_after_epochs` ends the call early (as an interruption would), for tests.
+    `normalisation` (mean, std, colour target) keeps a trained model's input normalisation
+    (fine-tuning) instead of measuring it on `train`. `teacher_logits` (one row per training
+    image) are distilled with weight `config.distill`.
     """
+    if config.distill and (teacher_logits is None or len(teacher_logits) != len(train)):
+        raise BloodcellError("distillation needs the teacher's logits for every training image (train --teacher)")
     # set up
-    mean, std = normalization(config, train)
+    mean, std, colour_target = normalisation or normalization(config, train)
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
@@ -256,9 +302,21 @@ def fit(
     for epoch in range(start_epoch, last_epoch):
         epoch_start = time.perf_counter()
         row = {"epoch": epoch + 1}
-        row |= train_epoch(model, train, config, mean, std, optimizer, scheduler, ema, generator, bar, epoch)
+        row |= train_epoch(
+            model,
+            train,
+            config,
+            (mean, std, colour_target),
+            optimizer,
+            scheduler,
+            ema,
+            generator,
+            bar,
+            epoch,
+            teacher_logits,
+        )
         if val is not None:
-            row["val_loss"], row["val_acc"] = evaluate_loss_accuracy(eval_model, val, mean, std)
+            row["val_loss"], row["val_acc"] = evaluate_loss_accuracy(eval_model, val, mean, std, colour_target)
             bar.set_postfix_str(f"epoch {epoch + 1}/{config.epochs} val_acc {row['val_acc']:.4f}")
             if config.patience is not None:
                 if row["val_loss"] < best["val_loss"]:
@@ -294,21 +352,22 @@ def fit(
         eval_model.load_state_dict(best_weights)
     best_epoch = best["epoch"] if config.patience is not None else len(history)
     finished = stopped_early or len(history) == config.epochs
-    return FitResult(eval_model, history, best_epoch, mean, std, time.perf_counter() - started, finished)
+    seconds = time.perf_counter() - started
+    return FitResult(eval_model, history, best_epoch, mean, std, colour_target, seconds, finished)
 
 
 def train_epoch(
     model: nn.Module,
     train: Split,
     config: TrainConfig,
-    mean,
-    std,
+    normalisation: tuple,
     optimizer: torch.optim.Optimizer,
     scheduler,
     ema: AveragedModel | None,
     generator: torch.Generator,
     bar: tqdm,
     epoch: int,
+    teacher_logits: torch.Tensor | None = None,
 ) -> dict:
     """One pass over a fresh permutation of `train`; returns the epoch's loss, accuracy and last lr."""
     model.train()
@@ -317,7 +376,7 @@ def train_epoch(
     loss_sum, correct = 0.0, 0
     for step in range(steps):
         index = order[step * config.batch_size : (step + 1) * config.batch_size]
-        x = augment_batch(inference.normalize(train.images[index], mean, std), config.augment, generator)
+        x = augment_batch(train.images[index], *normalisation[:2], config.augment, generator, normalisation[2])
         x, partner, weight = mixup_batch(x, config.mixup, generator)
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -326,6 +385,10 @@ def train_epoch(
         loss = weight * F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
         if partner is not None:
             loss = loss + (1 - weight) * F.cross_entropy(logits, y[partner], label_smoothing=config.label_smoothing)
+        if config.distill:
+            loss = (1 - config.distill) * loss + config.distill * distillation_loss(
+                logits, teacher_logits[index], config.distill_temperature
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
