@@ -1,12 +1,14 @@
 """Benchmark the training recipes and inference speed on this machine (not part of the test suite).
 
-    python benchmarks/bench_train.py --data-dir ../shared/data [--seeds 0 1 2] [--presets fast default]
+    python benchmarks/bench_train.py --data-dir DIR [--seeds 0 1 2] [--presets fast default default-64]
+                                     [--full-size VAL_DIR TEST_DIR] [--runs KEEP_DIR] [--bf16]
 
-For each preset and seed: training wall time, test accuracy (plain and with 8-view TTA) and
-macro AUC, each run touching the test split once at its end. Then inference throughput on
-28 px uint8 tensors (batch 1024, 2 threads), median of 5 timings, in float32 and in bfloat16
-with torch.compile, and the test accuracy (TTA) of the bfloat16 model, so that the speed-up's
-cost in accuracy is measured too. Prints a Markdown table.
+Prints the CPU model and the instruction set PyTorch uses (run it with ONEDNN_MAX_CPU_ISA=AVX2
+to see what CPUs without AVX-512 get). For each preset and seed: training time, test accuracy
+(plain and with 8-view TTA) and macro AUC, each run touching the test split once at its end;
+inference throughput on uint8 tensors of the preset's size (batch 1024, median of 5 timings);
+with --full-size, `predict` on the full-size PBC files of the validation split (and, once at the
+end, the test split): accuracy and images/s. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 import bloodcell
 from bloodcell import data
+from bloodcell.evaluate import labelled_folders, score_records
 from bloodcell.pipeline import train_run
 from bloodcell.train import PRESETS, with_overrides
 
@@ -53,73 +56,95 @@ def bench_inference(classifier, images: torch.Tensor, repeats: int = 5) -> float
     return len(images) / statistics.median(timings)
 
 
+def files_score(classifier, folder: Path) -> tuple[float, float]:
+    """Accuracy and images/s of `predict_files` on a DIR/<class>/ folder of full-size images."""
+    files, labels, counts = labelled_folders([folder], classifier.classes)
+    start = time.perf_counter()
+    records = classifier.predict_files(files)
+    seconds = time.perf_counter() - start
+    return score_records(records, labels, classifier.classes, counts)["accuracy"], len(files) / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--presets", nargs="+", default=["fast", "default"], choices=list(PRESETS))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", help="keep the runs in this folder (default: a temporary folder)")
+    parser.add_argument(
+        "--full-size",
+        nargs=2,
+        metavar=("VAL_DIR", "TEST_DIR"),
+        help="full-size PBC files of the val and test splits (DIR/<class>/*.jpg): score predict on them",
+    )
+    parser.add_argument("--bf16", action="store_true", help="also time bfloat16 + torch.compile (AVX512-BF16/AMX CPUs)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    dataset = data.load(args.data_dir)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bloodcell {bloodcell.__version__}")
     print(f"CPU: {cpu_description()}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.runs or tmp)
         for preset in args.presets:
+            dataset = data.load(args.data_dir, size=PRESETS[preset].image_size)
             results = []
             for seed in args.seeds:
                 config = with_overrides(PRESETS[preset], seed=seed)
-                run_dir = Path(tmp) / f"{preset}-{seed}"
+                run_dir = root / f"{preset}-{seed}"
                 start = time.perf_counter()
-                metrics = train_run(dataset, run_dir, config, progress=False)
+                metrics = train_run(dataset, run_dir, config, progress=False, overwrite=True)
                 wall = time.perf_counter() - start
-                train_seconds = bloodcell.load(run_dir).record.train_seconds
-                results.append((wall, train_seconds, metrics))
+                classifier = bloodcell.load(run_dir)
+                files = files_score(classifier, Path(args.full_size[0])) if args.full_size else (None, None)
+                results.append((wall, classifier.record.train_seconds, metrics, files))
                 print(
-                    f"{preset} seed {seed}: train {train_seconds:.0f} s (wall incl. eval {wall:.0f} s), "
+                    f"{preset} seed {seed}: train {classifier.record.train_seconds:.0f} s "
+                    f"(wall incl. eval {wall:.0f} s), "
                     f"test acc {metrics['test']['accuracy']:.4f}, TTA {metrics['test_tta']['accuracy']:.4f}, "
-                    f"AUC {metrics['test_tta']['auc_macro_ovr']:.5f}",
+                    f"AUC {metrics['test_tta']['auc_macro_ovr']:.5f}"
+                    + (f", full-size val files {files[0]:.4f} at {files[1]:,.0f} img/s" if files[0] else ""),
                     flush=True,
                 )
-            images = dataset.test.images.repeat(3, 1, 1, 1)
-            first_run = Path(tmp) / f"{preset}-{args.seeds[0]}"
-            fp32 = bench_inference(bloodcell.load(first_run), images)
-            fast = {
-                seed: bloodcell.load(Path(tmp) / f"{preset}-{seed}", precision="bfloat16", compile=True)
-                for seed in args.seeds
-            }
-            bf16 = bench_inference(fast[args.seeds[0]], images)
-            bf16_accuracy = [
-                (c.logits(dataset.test.images, tta=True).argmax(1) == dataset.test.labels).float().mean().item()
-                for c in fast.values()
+            first = bloodcell.load(root / f"{preset}-{args.seeds[0]}")
+            fp32 = bench_inference(first, dataset.test.images.repeat(3, 1, 1, 1))
+            row = [
+                preset,
+                PRESETS[preset].model,
+                str(PRESETS[preset].image_size),
+                f"{statistics.median(r[1] for r in results):.0f}",
+                mean_std([r[2]["test"]["accuracy"] for r in results]),
+                mean_std([r[2]["test_tta"]["accuracy"] for r in results]),
+                mean_std([r[2]["test_tta"]["auc_macro_ovr"] for r in results]),
+                f"{fp32:,.0f}",
             ]
-            rows.append(
-                [
-                    preset,
-                    PRESETS[preset].model,
-                    f"{statistics.median(r[1] for r in results):.0f}",
-                    mean_std([r[2]["test"]["accuracy"] for r in results]),
-                    mean_std([r[2]["test_tta"]["accuracy"] for r in results]),
-                    mean_std([r[2]["test_tta"]["auc_macro_ovr"] for r in results]),
-                    f"{sum(r[2]['test_tta']['accuracy'] >= 0.970 for r in results)}/{len(results)}",
-                    mean_std(bf16_accuracy),
-                    f"{fp32:,.0f}",
-                    f"{bf16:,.0f}",
+            if args.full_size:
+                test_files = [
+                    files_score(bloodcell.load(root / f"{preset}-{s}"), Path(args.full_size[1])) for s in args.seeds
                 ]
-            )
+                row += [
+                    mean_std([r[3][0] for r in results]),
+                    mean_std([t[0] for t in test_files]),
+                    f"{statistics.median(t[1] for t in test_files):,.0f}",
+                ]
+            if args.bf16:
+                fast = bloodcell.load(root / f"{preset}-{args.seeds[0]}", precision="bfloat16", compile=True)
+                row.append(f"{bench_inference(fast, dataset.test.images.repeat(3, 1, 1, 1)):,.0f}")
+            rows.append(row)
     header = [
         "preset",
         "model",
+        "px",
         "median train s",
         "test acc",
         "test acc (TTA)",
         "macro AUC (TTA)",
-        "seeds >= 0.970 (TTA)",
-        "test acc (TTA, bf16)",
-        "img/s float32",
-        "img/s bf16 compiled",
+        "img/s (tensors)",
     ]
+    if args.full_size:
+        header += ["full-size val files acc", "full-size test files acc", "predict img/s (files)"]
+    if args.bf16:
+        header.append("img/s bf16 compiled")
     print()
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))

@@ -64,9 +64,10 @@ def test_gradcam_highlights_the_region_that_decides_the_class():
 
 @pytest.mark.parametrize("name", [n for n in models.names() if n != "baseline"])
 def test_gradcam_works_for_every_conv_model(name):
-    model = models.create(name)
-    cam = explain.grad_cam(model, torch.randn(1, 3, 28, 28))
-    assert cam.heatmap.shape == (28, 28) and 0 <= cam.heatmap.min() <= cam.heatmap.max() <= 1
+    size = 128 if name.endswith("-128") else 64 if name.endswith("-64") else 28
+    model = models.create(name, image_size=size)
+    cam = explain.grad_cam(model, torch.randn(1, 3, size, size))
+    assert cam.heatmap.shape == (size, size) and 0 <= cam.heatmap.min() <= cam.heatmap.max() <= 1
     assert 0 <= cam.probability <= 1
 
 

@@ -18,13 +18,13 @@ from tests.cli import call_cli
 
 @pytest.fixture()
 def lab_folder(tmp_path, synthetic_file):
-    """A 'lab' with three classes, 5 images each: synthetic images enlarged to 120 px files."""
-    test = data.load_npz(synthetic_file).test
+    """A 'lab' with three classes, 5 images each: synthetic training images enlarged to 120 px files."""
+    source = data.load_npz(synthetic_file).train
     folder = tmp_path / "lab"
     for name, label in (("NEUTROPHIL", 6), ("lymphocytes", 4), ("ig", 3)):
         (folder / name).mkdir(parents=True)
-        for i in np.flatnonzero(test.labels.numpy() == label)[:5]:
-            pixels = test.images[i].permute(1, 2, 0).numpy()
+        for i in np.flatnonzero(source.labels.numpy() == label)[:5]:
+            pixels = source.images[i].permute(1, 2, 0).numpy()
             Image.fromarray(pixels).resize((120, 120), Image.BILINEAR).save(folder / name / f"{i}.png")
     return folder
 

@@ -19,8 +19,10 @@ def test_study_architectures_match_the_paper():
 
 
 @pytest.mark.parametrize("name", models.names())
-@pytest.mark.parametrize("size", [28, 64])
+@pytest.mark.parametrize("size", [28, 64, 128])
 def test_every_model_gives_eight_logits(name, size):
+    if name.endswith("-128") and size < 128 or name.endswith("-64") and size < 64:
+        pytest.skip("stems that downsample early are for large images")
     model = models.create(name, image_size=size).eval()
     assert model(torch.zeros(2, 3, size, size)).shape == (2, 8)
 
@@ -94,3 +96,27 @@ def test_temperature_scaling_lowers_nll_of_overconfident_logits():
     t = fit_temperature(logits, labels)
     nll = torch.nn.functional.cross_entropy
     assert t > 1.5 and nll(logits / t, labels) < nll(logits, labels)
+
+
+def test_early_downsampling_stems_reach_the_same_stage_size():
+    x64, x128 = torch.zeros(2, 3, 64, 64), torch.zeros(2, 3, 128, 128)
+    small_28 = models.create("res-small").features(torch.zeros(2, 3, 32, 32))
+    assert models.create("res-small-64").features(x64).shape == small_28.shape
+    assert models.create("res-small-128").features(x128).shape == small_28.shape
+
+
+def test_device_selection(monkeypatch):
+    from bloodcell import inference
+
+    assert inference.resolve_device("cpu").type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert inference.resolve_device("auto").type == "cpu"
+    with pytest.raises(BloodcellError, match="no such device"):
+        inference.resolve_device("cuda")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert inference.resolve_device("auto").type == "mps"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert inference.resolve_device("auto").type == "cuda" and inference.resolve_device("cuda").type == "cuda"
+    with pytest.raises(BloodcellError, match="unknown device"):
+        inference.resolve_device("tpu")

@@ -228,3 +228,25 @@ def test_a_broken_ood_file_is_refused(synthetic_run, tmp_path):
     (run / "ood.safetensors").write_bytes(b"junk")
     with pytest.raises(BloodcellError, match="ood.safetensors"):
         bloodcell.load(run)
+
+
+def test_shards_cover_every_file_once_and_merge_into_one_count(synthetic_run, cell_images, tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(7):
+        (folder / f"c{i}.png").write_bytes(cell_images[i % len(cell_images)].read_bytes())
+    whole = json.loads(call_cli("predict", synthetic_run, folder, "--json").stdout)
+    parts = []
+    for index in (1, 2, 3):
+        out = call_cli("predict", synthetic_run, folder, "--shard", f"{index}/3", "--json").stdout
+        (tmp_path / f"part{index}.json").write_text(out)
+        parts.append(tmp_path / f"part{index}.json")
+    sizes = [len(json.loads(p.read_text())["records"]) for p in parts]
+    assert sizes == [3, 2, 2]
+    merged = json.loads(call_cli("merge", *parts, "--json").stdout)
+    assert merged["summary"] == whole["summary"] and merged["missing_parts"] == []
+    assert sorted(r["path"] for r in merged["records"]) == sorted(r["path"] for r in whole["records"])
+    partial = call_cli("merge", *parts[:2], check=False)
+    assert partial.returncode == 0 and "parts [3] of 3 are missing" in partial.stderr
+    assert call_cli("merge", parts[0], parts[0], check=False).returncode == 1
+    assert "part 2 of 8" in call_cli("predict", synthetic_run, folder, "--shard", "9", check=False).stderr

@@ -74,3 +74,57 @@ def test_tune_resumes_from_its_storage(real_data_dir, tmp_path):
         scores = [float(r["cv_accuracy"]) for r in csv.DictReader(f)]
     assert scores == sorted(scores, reverse=True)
     Image.open(tmp_path / "tune_results.png").verify()
+
+
+def _worker(real_data_dir, out, *extra):
+    import subprocess
+    import sys
+
+    grid = "batch_size=64,128;max_epochs=1;lr=1e-3,1e-2"  # four points
+    args = ["tune", "--data-dir", real_data_dir, "--out", out, "--grid", grid, "--folds", "2", "--subset", "400"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "bloodcell", *map(str, args), *extra, "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _points(storage: str) -> list[tuple]:
+    study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+    return sorted(
+        (t.params["batch_size"], t.params["lr"]) for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    )
+
+
+def test_two_workers_share_one_grid_and_run_each_point_once(real_data_dir, tmp_path):
+    workers = [_worker(real_data_dir, tmp_path) for _ in range(2)]
+    for worker in workers:
+        _, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err[-2000:]
+    assert _points(f"sqlite:///{tmp_path / 'tune.db'}") == [(64, 1e-3), (64, 1e-2), (128, 1e-3), (128, 1e-2)]
+
+
+def test_a_killed_workers_point_is_run_by_another(real_data_dir, tmp_path):
+    import time
+
+    storage = f"sqlite:///{tmp_path / 'tune.db'}"
+    first = _worker(real_data_dir, tmp_path, "--heartbeat", "1")
+    deadline = time.monotonic() + 120
+    while True:  # wait until the first worker is inside a trial, then kill it without warning
+        try:
+            study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+            if study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
+                break
+        except KeyError:
+            pass
+        assert time.monotonic() < deadline, "the first worker never started a trial"
+        time.sleep(0.2)
+    first.kill()
+    first.wait()
+    second = _worker(real_data_dir, tmp_path, "--heartbeat", "1")
+    _, err = second.communicate(timeout=600)
+    assert second.returncode == 0, err[-2000:]
+    assert _points(storage) == [(64, 1e-3), (64, 1e-2), (128, 1e-3), (128, 1e-2)]
+    states = [t.state for t in optuna.load_study(study_name=STUDY_NAME, storage=storage).trials]
+    assert optuna.trial.TrialState.FAIL in states  # the killed worker's trial, failed and queued again

@@ -3,12 +3,13 @@
 __version__ = "0.2.0"
 
 
-def load(run_dir, precision: str = "float32", compile: bool = False):
+def load(run_dir, precision: str = "float32", compile: bool = False, backend: str = "torch", device: str = "cpu"):
     """Load a trained run: `bloodcell.load("runs/default").predict_files(["cells/"])`.
 
     `precision="bfloat16"` is about 2.5x faster for bulk inference on CPUs with AVX512-BF16 or AMX;
-    see `bloodcell.predict.Classifier.from_run`.
+    `backend="onnx"` runs the run's exported model.onnx; `device="auto"` uses a GPU if there is one.
+    See `bloodcell.predict.Classifier.from_run`.
     """
     from bloodcell.predict import Classifier
 
-    return Classifier.from_run(run_dir, precision, compile)
+    return Classifier.from_run(run_dir, precision, compile, backend, device)

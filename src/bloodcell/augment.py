@@ -47,8 +47,8 @@ class AugmentConfig:
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 (N,3,H,W) -> float32, normalised per channel (`mean`/`std` in [0, 1] units)."""
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255
+    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255
     return (images.float() - mean_t) / std_t
 
 
@@ -69,7 +69,7 @@ def random_dihedral(x: torch.Tensor, generator: torch.Generator, flip: bool, rot
     choices = (8 if flip else 4) if rot90 else (2 if flip else 1)
     if choices == 1:
         return x
-    ks = torch.randint(0, choices, (len(x),), generator=generator)
+    ks = torch.randint(0, choices, (len(x),), generator=generator).to(x.device)
     if not rot90:
         ks = ks * 4  # 0 = identity, 4 = flip
     out = torch.empty_like(x)
@@ -85,8 +85,8 @@ def random_translate(x: torch.Tensor, max_shift: int, generator: torch.Generator
         return x
     n, _, h, w = x.shape
     padded = torch.nn.functional.pad(x, (max_shift,) * 4, mode="reflect")
-    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator).to(x.device)
     out = torch.empty_like(x)
     for oy in range(2 * max_shift + 1):
         for ox in range(2 * max_shift + 1):
@@ -103,7 +103,7 @@ def random_colour(x: torch.Tensor, strength: float, generator: torch.Generator) 
     n = len(x)
 
     def factor() -> torch.Tensor:
-        return 1 + (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * strength
+        return (1 + (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * strength).to(x.device)
 
     grey = x.mean(dim=1, keepdim=True)
     x = grey + (x - grey) * factor()
@@ -121,16 +121,17 @@ def random_sharpness(x: torch.Tensor, strength: float, generator: torch.Generato
     if strength <= 0:
         return x
     kernel = torch.tensor([1.0, 2.0, 1.0])
-    kernel = (kernel[:, None] * kernel[None, :] / 16).expand(x.shape[1], 1, 3, 3).contiguous()
+    kernel = (kernel[:, None] * kernel[None, :] / 16).expand(x.shape[1], 1, 3, 3).contiguous().to(x.device)
     blurred = torch.nn.functional.conv2d(
         torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=x.shape[1]
     )
-    amount = torch.rand(len(x), 1, 1, 1, generator=generator) * 1.5 * strength - strength / 2
+    amount = (torch.rand(len(x), 1, 1, 1, generator=generator) * 1.5 * strength - strength / 2).to(x.device)
     return x + amount * (x - blurred)
 
 
-def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
-    return low + (high - low) * torch.rand(n, 1, 1, 1, generator=generator)
+def _uniform(n: int, low: float, high: float, generator: torch.Generator, device=None) -> torch.Tensor:
+    """Per-image uniform values, drawn on the CPU generator (reproducible anywhere), moved to `device`."""
+    return (low + (high - low) * torch.rand(n, 1, 1, 1, generator=generator)).to(device)
 
 
 # Ruifrok & Johnston's stain vectors (rows: haematoxylin, eosin, DAB), as in scikit-image's rgb2hed.
@@ -143,26 +144,26 @@ def random_stain(x: torch.Tensor, strength: float, generator: torch.Generator) -
     if strength <= 0:
         return x
     n = len(x)
-    density = -torch.log(x.clamp(min=1 / 255)).permute(0, 2, 3, 1) @ HED_FROM_RGB  # (N, H, W, 3 stains)
-    scale = 1 + (torch.rand(n, 1, 1, 3, generator=generator) * 2 - 1) * strength
-    shift = (torch.rand(n, 1, 1, 3, generator=generator) * 2 - 1) * strength * 0.1
+    density = -torch.log(x.clamp(min=1 / 255)).permute(0, 2, 3, 1) @ HED_FROM_RGB.to(x.device)  # (N, H, W, stains)
+    scale = (1 + (torch.rand(n, 1, 1, 3, generator=generator) * 2 - 1) * strength).to(x.device)
+    shift = ((torch.rand(n, 1, 1, 3, generator=generator) * 2 - 1) * strength * 0.1).to(x.device)
     density = density * scale + shift
-    return torch.exp(-(density @ RGB_FROM_HED)).permute(0, 3, 1, 2).clamp(0, 1)
+    return torch.exp(-(density @ RGB_FROM_HED.to(x.device))).permute(0, 3, 1, 2).clamp(0, 1)
 
 
 def random_photometric(x: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     """Brightness, contrast, gamma and saturation per image, on pixels in [0, 1]."""
     n = len(x)
     if config.brightness:
-        x = x * _uniform(n, 1 - config.brightness, 1 + config.brightness, generator)
+        x = x * _uniform(n, 1 - config.brightness, 1 + config.brightness, generator, x.device)
     if config.contrast:
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = mean + (x - mean) * _uniform(n, 1 - config.contrast, 1 + config.contrast, generator)
+        x = mean + (x - mean) * _uniform(n, 1 - config.contrast, 1 + config.contrast, generator, x.device)
     if config.gamma:
-        x = x.clamp(1e-4, 1) ** torch.exp(_uniform(n, -config.gamma, config.gamma, generator))
+        x = x.clamp(1e-4, 1) ** torch.exp(_uniform(n, -config.gamma, config.gamma, generator, x.device))
     if config.saturation:
         grey = x.mean(dim=1, keepdim=True)
-        x = grey + (x - grey) * _uniform(n, 1 - config.saturation, 1 + config.saturation, generator)
+        x = grey + (x - grey) * _uniform(n, 1 - config.saturation, 1 + config.saturation, generator, x.device)
     return x.clamp(0, 1)
 
 
@@ -170,7 +171,7 @@ def random_blur(x: torch.Tensor, max_sigma: float, generator: torch.Generator, l
     """Gaussian blur with a per-image sigma in [0, max_sigma] (quantised to a few levels)."""
     if max_sigma <= 0:
         return x
-    which = torch.randint(0, levels + 1, (len(x),), generator=generator)
+    which = torch.randint(0, levels + 1, (len(x),), generator=generator).to(x.device)
     out = x.clone()
     for level in which.unique().tolist():
         if level == 0:
@@ -178,7 +179,7 @@ def random_blur(x: torch.Tensor, max_sigma: float, generator: torch.Generator, l
         sigma = max_sigma * level / levels
         radius = max(1, math.ceil(2 * sigma))
         taps = torch.exp(-(torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2) / (2 * sigma**2))
-        taps = taps / taps.sum()
+        taps = (taps / taps.sum()).to(x.device)
         idx = (which == level).nonzero().squeeze(1)
         channels = x.shape[1]
         padded = F.pad(x[idx], (radius,) * 4, mode="replicate")
@@ -191,8 +192,8 @@ def random_scale(x: torch.Tensor, max_log_zoom: float, generator: torch.Generato
     """Zoom each image in or out by exp(U(-max, max)) about its centre (reflect-padded when out)."""
     if max_log_zoom <= 0:
         return x
-    zoom = torch.exp((torch.rand(len(x), generator=generator) * 2 - 1) * max_log_zoom)
-    theta = torch.zeros(len(x), 2, 3)
+    zoom = torch.exp((torch.rand(len(x), generator=generator) * 2 - 1) * max_log_zoom).to(x.device)
+    theta = torch.zeros(len(x), 2, 3, device=x.device)
     theta[:, 0, 0] = theta[:, 1, 1] = 1 / zoom
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

@@ -131,7 +131,20 @@ DATA = (
 )
 SIZE = arg("--size", type=int, default=28, choices=(28, 64, 128, 224), help="image size (default 28)")
 RUN = arg("run_dir", help="run directory written by `bloodcell train`")
+DEVICE = arg(
+    "--device",
+    choices=("auto", "cpu", "cuda", "mps"),
+    default="cpu",
+    help="where the network runs: cpu (default), cuda, mps, or auto (a GPU if PyTorch sees one)",
+)
 INFERENCE = (
+    DEVICE,
+    arg(
+        "--backend",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="run the network on PyTorch (default) or on onnxruntime (the run's model.onnx, see `export`)",
+    ),
     arg(
         "--precision",
         choices=("float32", "bfloat16"),
@@ -159,7 +172,13 @@ def _dataset(args: argparse.Namespace, size: int | None = None):
 def _classifier(args: argparse.Namespace):
     from bloodcell.predict import Classifier
 
-    return Classifier.from_run(args.run_dir, getattr(args, "precision", "float32"), getattr(args, "compile", False))
+    return Classifier.from_run(
+        args.run_dir,
+        getattr(args, "precision", "float32"),
+        getattr(args, "compile", False),
+        getattr(args, "backend", "torch"),
+        getattr(args, "device", "cpu"),
+    )
 
 
 def _wrote(paths: Sequence[Path], existed: set[Path] = frozenset()) -> str:
@@ -303,6 +322,13 @@ def cmd_reproduce(args: argparse.Namespace) -> Output:
     arg("--max-epochs", type=int, help="cap every trial's epochs (quick looks)"),
     arg("--patience", type=int, default=5, help="early-stopping patience on validation loss (default 5)"),
     arg("--subset", type=int, help="use a stratified subset of this many train+val images"),
+    arg(
+        "--heartbeat",
+        type=float,
+        default=60.0,
+        help="seconds between a running trial's heartbeats; a worker silent for 3x this is taken as dead and its "
+        "grid point is run again (default 60)",
+    ),
     _seed(),
 )
 def cmd_tune(args: argparse.Namespace) -> Output:
@@ -317,6 +343,7 @@ def cmd_tune(args: argparse.Namespace) -> Output:
         patience=args.patience,
         seed=args.seed,
         subset=args.subset,
+        heartbeat=args.heartbeat,
     )
     result = tune(_dataset(args), Path(args.out), config, storage=args.storage)
     lines = ["  ".join(f"{k}={v}" for k, v in row.items()) for row in result["results"][:10]]
@@ -340,11 +367,14 @@ def _train_arguments() -> list[Arg]:
             "--preset",
             default="default",
             choices=list(PRESETS),
-            help="recipe: default (best), fast (under two minutes), study (the seed CNN's); "
-            "the options below override single settings",
+            help="recipe: default (best on BloodMNIST images), default-64 / default-128 (larger images, from "
+            "`build-data`), crosslab (other labs' images: colour normalisation, stain augmentation, cell framing; "
+            "costs in-domain accuracy), fast (a few minutes; trained without blur/sharpen, so about 1.5 points "
+            "weaker on full-size images), study (the seed CNN's); the options below override single settings",
         ),
         *options_for(TrainConfig, defaults=False),
         arg("--teacher", metavar="RUN", help="distil this run's predictions (e.g. a 128 px run into a 28 px model)"),
+        DEVICE,
         arg("--resume", action="store_true", help="continue an interrupted run in --out from its checkpoint"),
         arg("--overwrite", action="store_true", help="replace an existing run in --out"),
     ]
@@ -370,7 +400,17 @@ def cmd_train(args: argparse.Namespace) -> Output:
         teacher = (Path(args.teacher), _dataset(args, teacher_size) if teacher_size != dataset.image_size else dataset)
         if not config.distill:
             config = replace(config, distill=0.7)  # --teacher alone: the recommended weight
-    scores = train_run(dataset, Path(args.out), config, resume=args.resume, overwrite=args.overwrite, teacher=teacher)
+    scores = train_run(
+        dataset,
+        Path(args.out),
+        config,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        teacher=teacher,
+        device=args.device,
+    )
+    if scores is None:  # a helper process of `torchrun ... bloodcell train`: rank 0 reports
+        return Output({}, "")
     text = [metrics.format_headline(split, scores[split]) for split in ("val", "test", "test_tta")]
     text.append(f"wrote run to {printable(args.out)}")
     data = {"run_dir": args.out, **{k: metrics.headline(v) for k, v in scores.items()}}
@@ -534,6 +574,28 @@ def _headline_lines(scores: dict) -> list[str]:
     return [metrics.format_headline(split, values) for split, values in scores.items()]
 
 
+@command(
+    "export",
+    "export a run to ONNX (preprocessing in the graph, metadata, model card) for software outside Python",
+    RUN,
+    arg("--format", default="onnx", choices=("onnx",), help="export format (default onnx)"),
+    arg("--out", help="output file (default RUN_DIR/model.onnx, which predict/serve --backend onnx use)"),
+    description="Writes an ONNX graph that takes raw RGB pixels (float32 N x 3 x H x W, 0..255) and returns "
+    "calibrated probabilities, logits and OOD features, with classes, image size, crop, normalisation and "
+    "temperature as metadata, and a Markdown model card beside it. Needs `pip install 'bloodcell[export]'`.",
+)
+def cmd_export(args: argparse.Namespace) -> Output:
+    from bloodcell import runs
+    from bloodcell.export import export_onnx
+
+    out = Path(args.out or Path(args.run_dir) / runs.ONNX)
+    runs.read_record(args.run_dir)  # a clear error for a folder that is not a run, before importing onnx
+    result = export_onnx(Path(args.run_dir), out)
+    text = f"wrote {printable(result['onnx'])} (opset {result['opset']}, {result['bytes'] / 1e6:.1f} MB)\n"
+    text += f"wrote {printable(result['model_card'])}"
+    return Output(result, text)
+
+
 # ---------------------------------------------------------------- predict / serve
 
 
@@ -550,6 +612,12 @@ def _predict_arguments() -> list[Arg]:
         RUN,
         arg("paths", nargs="+", help="image files or folders (searched recursively)"),
         arg("--csv", help="also write one row per image to this CSV file"),
+        arg(
+            "--shard",
+            metavar="I/N",
+            help="classify only part I of N of the sorted file list (every N-th file), for spreading a large "
+            "folder over machines; join the parts' --json outputs with `bloodcell merge`",
+        ),
         *options_for(PredictOptions),
         *INFERENCE,
     ]
@@ -563,21 +631,74 @@ def _predict_arguments() -> list[Arg]:
     "classified, 3 some files could not be read (error rows), 4 none could, 1 other errors.",
 )
 def cmd_predict(args: argparse.Namespace) -> Output:
+    from bloodcell import preprocess
     from bloodcell.differential import differential, format_differential
     from bloodcell.files import write_csv
 
+    shard = _parse_shard(args.shard) if args.shard else None
     classifier = _classifier(args)
-    records = classifier.predict_files(args.paths, _prediction_options(args), progress=not args.json)
-    if not records:
+    files = preprocess.find_images(args.paths)
+    if not files:
         raise BloodcellError(f"no image files found in {' '.join(args.paths)}")
+    total = len(files)
+    if shard:
+        files = sorted(files, key=str)[shard[0] - 1 :: shard[1]]
+    records = classifier.predict_files(files, _prediction_options(args), progress=not args.json)
     summary = differential(records, classifier.classes)
     if args.csv:
         write_csv(Path(args.csv), [_csv_row(r) for r in records])
     lines = [_prediction_line(r) for r in records] + ["", format_differential(summary)]
     exit_code = EXIT_NONE_CLASSIFIED if summary["classified"] == 0 else EXIT_SOME_FAILED if summary["failed"] else 0
     warnings = classifier.record.warnings
-    data = {"records": records, "summary": summary, "warnings": list(warnings)}
+    data = {"records": records, "summary": summary, "warnings": list(warnings), "classes": list(classifier.classes)}
+    if shard:
+        data["shard"] = {"index": shard[0], "of": shard[1], "files_in_all_shards": total}
     return Output(data, "\n".join(lines), exit_code, warnings=warnings)
+
+
+def _parse_shard(spec: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in spec.split("/"))
+    except ValueError:
+        raise BloodcellError(f"--shard must look like 2/8 (part 2 of 8), got {spec!r}") from None
+    if not 1 <= index <= count:
+        raise BloodcellError(f"--shard {spec}: the part must be between 1 and {count}")
+    return index, count
+
+
+@command(
+    "merge",
+    "join the --json outputs of `predict --shard I/N` runs into one set of records and differential count",
+    arg("parts", nargs="+", help="JSON files written by `bloodcell predict ... --shard I/N --json`"),
+    arg("--csv", help="also write one row per image to this CSV file"),
+)
+def cmd_merge(args: argparse.Namespace) -> Output:
+    from bloodcell.differential import differential, format_differential
+    from bloodcell.files import read_json, write_csv
+
+    parts = [read_json(p) for p in args.parts]
+    for path, part in zip(args.parts, parts):
+        if not isinstance(part, dict) or "records" not in part or "shard" not in part or "classes" not in part:
+            raise BloodcellError(f"{path}: not the --json output of `bloodcell predict --shard I/N`")
+    counts = {part["shard"]["of"] for part in parts}
+    classes = {tuple(part["classes"]) for part in parts}
+    indices = sorted(part["shard"]["index"] for part in parts)
+    if len(counts) != 1 or len(classes) != 1:
+        raise BloodcellError("the parts come from different shardings or models; merge parts of one run only")
+    if indices != sorted(set(indices)):
+        raise BloodcellError(f"a part is given twice (parts {indices})")
+    of = counts.pop()
+    missing = sorted(set(range(1, of + 1)) - set(indices))
+    records = sorted((r for part in parts for r in part["records"]), key=lambda r: r["path"])
+    summary = differential(records, list(classes.pop()))
+    if args.csv:
+        write_csv(Path(args.csv), [_csv_row(r) for r in records])
+    warnings = (
+        (f"parts {missing} of {of} are missing: the count covers {len(indices)} of {of} parts",) if missing else ()
+    )
+    exit_code = EXIT_NONE_CLASSIFIED if summary["classified"] == 0 else EXIT_SOME_FAILED if summary["failed"] else 0
+    data = {"records": records, "summary": summary, "parts": indices, "of": of, "missing_parts": missing}
+    return Output(data, format_differential(summary), exit_code, warnings=warnings)
 
 
 def _prediction_line(record: dict) -> str:
@@ -714,7 +835,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _set_threads()
         output = COMMANDS[args.command].handler(args)
     except BloodcellError as exc:
-        print(f"bloodcell: error: {printable(str(exc))}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one process reports for all
+            print(f"bloodcell: error: {printable(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("bloodcell: interrupted", file=sys.stderr)

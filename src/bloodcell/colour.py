@@ -23,7 +23,7 @@ MAX_GAIN = 4.0  # no channel's spread is scaled by more than this
 def rgb_to_lab(x: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) sRGB in [0, 1] -> CIE Lab (L in 0..100)."""
     linear = torch.where(x > 0.04045, ((x + 0.055) / 1.055) ** 2.4, x / 12.92)
-    xyz = torch.einsum("ij,njhw->nihw", _XYZ_FROM_RGB, linear) / _WHITE.view(1, 3, 1, 1)
+    xyz = torch.einsum("ij,njhw->nihw", _XYZ_FROM_RGB.to(x.device), linear) / _WHITE.to(x.device).view(1, 3, 1, 1)
     f = torch.where(xyz > 0.008856, xyz.clamp(min=1e-12) ** (1 / 3), 7.787 * xyz + 16 / 116)
     return torch.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], dim=1)
 
@@ -32,8 +32,8 @@ def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     """CIE Lab -> (N, 3, H, W) sRGB, clipped to [0, 1]."""
     fy = (lab[:, 0] + 16) / 116
     f = torch.stack([fy + lab[:, 1] / 500, fy, fy - lab[:, 2] / 200], dim=1)
-    xyz = torch.where(f > 0.206893, f**3, (f - 16 / 116) / 7.787) * _WHITE.view(1, 3, 1, 1)
-    linear = torch.einsum("ij,njhw->nihw", _RGB_FROM_XYZ, xyz).clamp(0, 1)
+    xyz = torch.where(f > 0.206893, f**3, (f - 16 / 116) / 7.787) * _WHITE.to(lab.device).view(1, 3, 1, 1)
+    linear = torch.einsum("ij,njhw->nihw", _RGB_FROM_XYZ.to(lab.device), xyz).clamp(0, 1)
     return torch.where(linear > 0.0031308, 1.055 * linear ** (1 / 2.4) - 0.055, 12.92 * linear).clamp(0, 1)
 
 
@@ -52,6 +52,6 @@ def normalize_colours(pixels: torch.Tensor, target: list[float]) -> torch.Tensor
     lab = rgb_to_lab(pixels)
     mean = lab.mean(dim=(2, 3), keepdim=True)
     spread = lab.std(dim=(2, 3), keepdim=True).clamp(min=MIN_SPREAD)
-    target_mean = torch.tensor(target[:3]).view(1, 3, 1, 1)
-    gain = (torch.tensor(target[3:]).view(1, 3, 1, 1) / spread).clamp(max=MAX_GAIN)
+    target_mean = torch.tensor(target[:3], device=pixels.device).view(1, 3, 1, 1)
+    gain = (torch.tensor(target[3:], device=pixels.device).view(1, 3, 1, 1) / spread).clamp(max=MAX_GAIN)
     return lab_to_rgb((lab - mean) * gain + target_mean)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,9 +20,24 @@ from bloodcell.errors import BloodcellError
 from bloodcell.runs import RunRecord
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-def build(record: RunRecord, weights: dict[str, torch.Tensor], precision: str = "float32") -> nn.Module:
+def resolve_device(spec: str = "cpu") -> torch.device:
+    """'auto' -> a CUDA GPU if PyTorch sees one, else Apple's MPS, else the CPU; a named device must exist."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if spec == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if spec not in DEVICES:
+        raise BloodcellError(f"unknown device {spec!r}; use {', '.join(DEVICES)}")
+    if (spec == "cuda" and not cuda) or (spec == "mps" and not mps):
+        raise BloodcellError(f"--device {spec}: PyTorch sees no such device here (use auto or cpu)")
+    return torch.device(spec)
+
+
+def build(
+    record: RunRecord, weights: dict[str, torch.Tensor], precision: str = "float32", device: str = "cpu"
+) -> nn.Module:
     """The network a run describes, with its weights, in eval mode and channels-last memory."""
     if precision not in PRECISIONS:
         raise BloodcellError(f"unknown precision {precision!r}; use {' or '.join(PRECISIONS)}")
@@ -33,7 +49,7 @@ def build(record: RunRecord, weights: dict[str, torch.Tensor], precision: str = 
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise BloodcellError(f"weights do not fit the {record.arch} described in model.json ({first})") from None
-    return model.eval().to(memory_format=torch.channels_last, dtype=PRECISIONS[precision])
+    return model.eval().to(resolve_device(device), memory_format=torch.channels_last, dtype=PRECISIONS[precision])
 
 
 def compiled(model: nn.Module) -> nn.Module:
@@ -90,16 +106,17 @@ def logits(
     out, feats = [], []
     try:
         for start in range(0, len(images), batch_size):
-            x = model_input(images[start : start + batch_size], mean, std, colour_target).to(first.dtype)
+            batch = images[start : start + batch_size].to(first.device)
+            x = model_input(batch, mean, std, colour_target).to(first.dtype)
             per_view, per_view_features = [], []
             for k in views:
                 view = dihedral(x, k).contiguous(memory_format=memory_format)
                 captured.clear()
-                per_view.append(model(view).float())
+                per_view.append(model(view).float().cpu())
                 if features:
                     if not captured:
                         eager(view)
-                    per_view_features.append(captured[-1].float())
+                    per_view_features.append(captured[-1].float().cpu())
             out.append(torch.stack(per_view).mean(dim=0))
             if features:
                 feats.append(torch.stack(per_view_features).mean(dim=0))
@@ -110,3 +127,34 @@ def logits(
     if not features:
         return result
     return result, (torch.cat(feats) if feats else torch.empty(0, 0))
+
+
+class OnnxNetwork:
+    """A run exported by `bloodcell export` (pixels in, normalisation inside), run by onnxruntime."""
+
+    def __init__(self, path, threads: int | None = None):
+        try:
+            import onnxruntime
+        except ImportError:
+            raise BloodcellError("the onnx backend needs onnxruntime: pip install 'bloodcell[export]'") from None
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's own error types
+            raise BloodcellError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from None
+        self.metadata = self.session.get_modelmeta().custom_metadata_map
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor, batch_size: int = 1024, tta: bool = False, features: bool = False):
+        """The same contract as `logits` above, for uint8 images, on onnxruntime."""
+        views = range(8) if tta else range(1)
+        out, feats = [], []
+        for start in range(0, len(images), batch_size):
+            pixels = images[start : start + batch_size].float()
+            results = [self.session.run(None, {"pixels": dihedral(pixels, k).contiguous().numpy()}) for k in views]
+            out.append(torch.from_numpy(np.mean([r[1] for r in results], axis=0)))
+            feats.append(torch.from_numpy(np.mean([r[2] for r in results], axis=0)))
+        result = torch.cat(out) if out else torch.empty(0, models.NUM_CLASSES)
+        return (result, torch.cat(feats) if feats else torch.empty(0, 0)) if features else result

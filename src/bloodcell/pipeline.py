@@ -6,7 +6,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from bloodcell import metrics, models, plots, runs
+from bloodcell import distributed, inference, metrics, models, plots, runs
 from bloodcell.calibrate import fit_temperature
 from bloodcell.data import CLASSES, Dataset
 from bloodcell.errors import BloodcellError
@@ -28,6 +28,7 @@ def train_run(
     progress: bool = True,
     stop_after_epochs: int | None = None,
     teacher: tuple[Path, Dataset] | None = None,
+    device: str = "cpu",
 ) -> dict | None:
     """Train, calibrate on val, evaluate on test once; write the run directory. Returns metrics.
 
@@ -42,7 +43,11 @@ def train_run(
         )
     if resume and runs.is_run_dir(run_dir):
         return read_json(run_dir / runs.METRICS)  # already finished: nothing to do
-    runs.prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
+    distributed.setup(inference.resolve_device(device))  # several processes (torchrun): rank 0 writes
+    distributed.check_batch(config.batch_size)  # before anything is written
+    if distributed.is_main():
+        runs.prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
+    distributed.barrier()
     model = build_model(config, dataset.image_size)
     checkpoint = run_dir / runs.CHECKPOINT
     teacher_logits = _teacher_logits(teacher, dataset, progress) if config.distill else None
@@ -57,9 +62,10 @@ def train_run(
         description=f"training {config.model}",
         stop_after_epochs=stop_after_epochs,
         teacher_logits=teacher_logits,
+        device=device,
     )
-    if not result.finished:
-        return None
+    if not result.finished or not distributed.is_main():
+        return None  # interrupted (resumable), or a helper process of a multi-process run
 
     record = RunRecord(
         arch=config.model,

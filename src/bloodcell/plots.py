@@ -122,10 +122,14 @@ def confusion_matrix(
 
 
 def learning_curves(curves: Mapping[str, np.ndarray], path: Path, title: str = "") -> Path:
-    """Loss and accuracy per epoch, train vs validation; arrays are (folds, epochs), the band is +-1 std."""
+    """Loss and accuracy per epoch, train vs validation; arrays are (folds, epochs), the band is +-1 std.
+
+    A split without curves (fine-tuning has no validation pass) is left out of the plot."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric in zip(axes, ("loss", "acc")):
         for split in ("train", "val"):
+            if f"{split}_{metric}" not in curves:
+                continue
             values = np.atleast_2d(np.asarray(curves[f"{split}_{metric}"], float))
             epochs = np.arange(1, values.shape[1] + 1)
             mean, std = values.mean(axis=0), values.std(axis=0)
@@ -145,7 +149,7 @@ def learning_curves(curves: Mapping[str, np.ndarray], path: Path, title: str = "
 
 def history_curves(history: Sequence[Mapping], path: Path, title: str = "") -> Path:
     """Learning curves of one run from its per-epoch rows (fit's history or history.csv)."""
-    keys = ("train_loss", "train_acc", "val_loss", "val_acc")
+    keys = [k for k in ("train_loss", "train_acc", "val_loss", "val_acc") if history and k in history[0]]
     return learning_curves({k: np.array([[float(row[k]) for row in history]]) for k in keys}, path, title)
 
 

@@ -69,19 +69,35 @@ class Classifier:
     ood: OodModel | None = None  # scores how unlike the training images an input is
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, precision: str = "float32", compile: bool = False) -> Classifier:
+    def from_run(
+        cls,
+        run_dir: str | Path,
+        precision: str = "float32",
+        compile: bool = False,
+        backend: str = "torch",
+        device: str = "cpu",
+    ) -> Classifier:
         """Load a run. `precision="bfloat16"` is about 2.5x faster for bulk 28 px inference on CPUs
         with AVX512-BF16 or AMX (not on plain AVX2); `compile=True` (torch.compile, frozen weights,
         ~10 s on first use, needs a C++ compiler) helps wider models more. See
-        `benchmarks/bench_inference.py`."""
+        `benchmarks/bench_inference.py`. `backend="onnx"` runs the run's exported `model.onnx`
+        (`bloodcell export`) on onnxruntime instead of PyTorch; `device` ('auto', 'cpu', 'cuda',
+        'mps') chooses where a PyTorch model runs."""
         run_dir = Path(run_dir)
         record = runs.read_record(run_dir)
-        try:
-            model = inference.build(record, runs.read_weights(run_dir), precision)
-        except BloodcellError as exc:
-            raise BloodcellError(f"{run_dir}: {exc}") from None
         ood_tensors = runs.read_ood(run_dir, record)
         ood = OodModel.from_tensors(ood_tensors) if ood_tensors is not None else None
+        if backend == "onnx":
+            exported = run_dir / runs.ONNX
+            if not exported.is_file():
+                raise BloodcellError(f"{run_dir}: no {runs.ONNX}; export it first: bloodcell export {run_dir}")
+            return cls(inference.OnnxNetwork(exported), record, ood)
+        if backend != "torch":
+            raise BloodcellError(f"unknown backend {backend!r}; use torch or onnx")
+        try:
+            model = inference.build(record, runs.read_weights(run_dir), precision, device)
+        except BloodcellError as exc:
+            raise BloodcellError(f"{run_dir}: {exc}") from None
         return cls(inference.compiled(model) if compile else model, record, ood)
 
     @property
@@ -127,6 +143,8 @@ class Classifier:
 
     def logits(self, images: torch.Tensor | np.ndarray, tta: bool = False, batch_size: int = 1024) -> torch.Tensor:
         """Uncalibrated logits, (N, classes) float32."""
+        if isinstance(self.model, inference.OnnxNetwork):
+            return self.model.logits(self.as_uint8_nchw(images), batch_size, tta)
         p = self.record.preprocessing
         return inference.logits(self.model, self.as_uint8_nchw(images), p.mean, p.std, batch_size, tta, p.colour_target)
 
@@ -138,9 +156,12 @@ class Classifier:
             return self.logits(images, tta, batch_size), None
         p = self.record.preprocessing
         images = self.as_uint8_nchw(images)
-        logits, features = inference.logits(
-            self.model, images, p.mean, p.std, batch_size, tta, p.colour_target, features=True
-        )
+        if isinstance(self.model, inference.OnnxNetwork):
+            logits, features = self.model.logits(images, batch_size, tta, features=True)
+        else:
+            logits, features = inference.logits(
+                self.model, images, p.mean, p.std, batch_size, tta, p.colour_target, features=True
+            )
         return logits, self.ood.score(features)
 
     def calibrated(self, logits: torch.Tensor) -> torch.Tensor:

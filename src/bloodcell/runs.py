@@ -30,10 +30,11 @@ SCHEMA_VERSION = 2  # 1: the first release's model.json (no "schema" key, "norma
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_META = "model.json"
 OOD_WEIGHTS = "ood.safetensors"
+ONNX = "model.onnx"  # written by `bloodcell export` (with model.md, the model card)
 METRICS = "metrics.json"
 HISTORY = "history.csv"
 CHECKPOINT = "checkpoint"
-RUN_FILES = (MODEL_WEIGHTS, MODEL_META, OOD_WEIGHTS, METRICS, HISTORY, CHECKPOINT)
+RUN_FILES = (MODEL_WEIGHTS, MODEL_META, OOD_WEIGHTS, ONNX, "model.md", METRICS, HISTORY, CHECKPOINT)
 
 
 @dataclass(frozen=True)

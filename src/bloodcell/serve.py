@@ -21,7 +21,6 @@ A server on a lab network must survive its clients, so (all in `ServeLimits`):
 - one JSON line per request in the log; on SIGTERM, requests in flight finish first.
 """
 
-
 import asyncio
 import base64
 import hmac

@@ -19,7 +19,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from bloodcell import checkpoint, colour, inference, models, preprocess
+from bloodcell import checkpoint, colour, distributed, inference, models, preprocess
 from bloodcell.augment import AugmentConfig, augment_batch, channel_stats
 from bloodcell.checkpoint import TrainingState
 from bloodcell.config import knob
@@ -121,8 +121,16 @@ class TrainConfig:
         return [f for f in fields(cls) if f.name != "augment"]
 
 
+# The photometric augmentation of the cross-lab recipe, chosen on the validation split and ood_dev
+# (benchmarks/cross_lab.py): stain jitter in HED space, brightness, contrast, gamma, saturation, blur, scale.
+CROSS_LAB_AUGMENT = AugmentConfig(
+    stain=0.15, brightness=0.15, contrast=0.15, gamma=0.2, saturation=0.25, blur=0.8, scale=0.15
+)
 PRESETS: dict[str, TrainConfig] = {
     "default": TrainConfig(),
+    "default-64": TrainConfig(model="res-small-64", image_size=64),
+    "default-128": TrainConfig(model="res-small-128", image_size=128),
+    "crosslab": TrainConfig(epochs=15, label_smoothing=0.1, colour="lab", crop="cell", augment=CROSS_LAB_AUGMENT),
     "fast": TrainConfig(model="res-small", epochs=15, label_smoothing=0.1, augment=AugmentConfig()),
     "study": TrainConfig(
         model="seed-cnn",
@@ -253,6 +261,7 @@ def fit(
     stop_after_epochs: int | None = None,
     normalisation: tuple | None = None,
     teacher_logits: torch.Tensor | None = None,
+    device: str = "cpu",
 ) -> FitResult:
     """Train `model` on `train` per `config`; validate on `val` after each epoch.
 
@@ -260,12 +269,22 @@ def fit(
     from it. `stop_after_epochs` ends the call early (as an interruption would), for tests.
     `normalisation` (mean, std, colour target) keeps a trained model's input normalisation
     (fine-tuning) instead of measuring it on `train`. `teacher_logits` (one row per training
-    image) are distilled with weight `config.distill`.
+    image) are distilled with weight `config.distill`. On a `device` other than the CPU the data
+    moves there once, and on CUDA the forward pass runs in bfloat16 autocast under torch.compile.
     """
     if config.distill and (teacher_logits is None or len(teacher_logits) != len(train)):
         raise BloodcellError("distillation needs the teacher's logits for every training image (train --teacher)")
     # set up
     mean, std, colour_target = normalisation or normalization(config, train)
+    target = inference.resolve_device(device)
+    distributed.setup(target)  # nothing unless started by torchrun with several processes
+    multi = distributed.world_size() > 1
+    if multi:
+        distributed.check_batch(config.batch_size)
+    model.to(target)
+    train = Split(train.images.to(target), train.labels.to(target))
+    if teacher_logits is not None:
+        teacher_logits = teacher_logits.to(target)
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
@@ -273,6 +292,7 @@ def fit(
     scheduler = make_scheduler(optimizer, config, config.epochs * steps_per_epoch)
     ema = make_ema(model, config)
     eval_model = ema.module if ema is not None else model
+    forward = TrainingForward(distributed.wrap(model) if multi else model, target)  # how training steps call it
     history: list[dict] = []
     best = {"epoch": 0, "val_loss": math.inf, "bad_epochs": 0}
     best_weights: dict[str, torch.Tensor] | None = None
@@ -304,6 +324,7 @@ def fit(
         row = {"epoch": epoch + 1}
         row |= train_epoch(
             model,
+            forward,
             train,
             config,
             (mean, std, colour_target),
@@ -327,7 +348,7 @@ def fit(
                     stopped_early = best["bad_epochs"] >= config.patience
         row["seconds"] = time.perf_counter() - epoch_start
         history.append(row)
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and distributed.is_main():
             checkpoint.save(
                 checkpoint_dir,
                 TrainingState(
@@ -358,6 +379,7 @@ def fit(
 
 def train_epoch(
     model: nn.Module,
+    forward: TrainingForward,
     train: Split,
     config: TrainConfig,
     normalisation: tuple,
@@ -369,19 +391,28 @@ def train_epoch(
     epoch: int,
     teacher_logits: torch.Tensor | None = None,
 ) -> dict:
-    """One pass over a fresh permutation of `train`; returns the epoch's loss, accuracy and last lr."""
+    """One pass over a fresh permutation of `train`; returns the epoch's loss, accuracy and last lr.
+
+    With several processes each takes its share of every global batch (see `distributed`).
+    """
     model.train()
+    multi = distributed.world_size() > 1
+    order_generator, generator = distributed.epoch_generators(config.seed, epoch) if multi else (generator, generator)
     steps = math.ceil(len(train) / config.batch_size)
-    order = torch.randperm(len(train), generator=generator)
-    loss_sum, correct = 0.0, 0
+    order = torch.randperm(len(train), generator=order_generator)
+    loss_sum, correct, seen = 0.0, 0, 0
     for step in range(steps):
         index = order[step * config.batch_size : (step + 1) * config.batch_size]
+        if multi:
+            if len(index) < distributed.world_size():
+                break  # a last global batch too small to give every process an image
+            index = distributed.share(index)
         x = augment_batch(train.images[index], *normalisation[:2], config.augment, generator, normalisation[2])
         x, partner, weight = mixup_batch(x, config.mixup, generator)
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = train.labels[index]
-        logits = model(x)
+        logits = forward(x)
         loss = weight * F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
         if partner is not None:
             loss = loss + (1 - weight) * F.cross_entropy(logits, y[partner], label_smoothing=config.label_smoothing)
@@ -397,9 +428,27 @@ def train_epoch(
             ema.update_parameters(model)
         loss_sum += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
         bar.update()
         bar.set_postfix_str(f"epoch {epoch + 1}/{config.epochs} loss {loss.item():.3f}", refresh=False)
-    return {"train_loss": loss_sum / len(train), "train_acc": correct / len(train), "lr": scheduler.get_last_lr()[0]}
+    if multi:  # the epoch's figures over every process's share
+        totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
+        torch.distributed.all_reduce(totals)
+        loss_sum, correct, seen = totals.tolist()
+    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "lr": scheduler.get_last_lr()[0]}
+
+
+class TrainingForward:
+    """The model as training calls it: plain on the CPU; compiled, in bfloat16 autocast, on CUDA."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.model = model
+        self.cuda = device.type == "cuda"
+        self.forward = torch.compile(model) if self.cuda else model
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
+            return self.forward(x).float()
 
 
 def _restore(state: TrainingState, model, optimizer, scheduler, ema, generator, folder: Path) -> None:

@@ -1,12 +1,17 @@
 """Hyper-parameter search with Optuna, scored by k-fold CV accuracy with early stopping.
 
-The study's grid runs through Optuna's GridSampler; `trials=N` runs a TPE search over ranges
-instead. Trials live in an Optuna storage (SQLite by default), so a search can be interrupted
-and resumed, and several workers can share one database.
+Trials live in an Optuna storage (SQLite by default; PostgreSQL or MySQL to share one between
+machines), so a search can be interrupted and resumed, and any number of `bloodcell tune`
+processes can work on it together. For a grid, the worker that creates the study puts every grid
+point in the storage's queue once; workers take the next queued point (an atomic operation of
+the storage), so no point is run twice. Each running trial sends a heartbeat; a worker that is
+killed stops sending, and the next worker to look fails its trial and queues the point again
+(`RetryFailedTrialCallback`), so no point is lost. `trials=N` without a grid runs a TPE search.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +46,7 @@ class TuneConfig:
     patience: int = 5
     seed: int = 42
     subset: int | None = None
+    heartbeat: float = 60.0  # seconds between a running trial's heartbeats; silent for 3x this: failed and retried
 
 
 def parse_grid(spec: str) -> dict:
@@ -100,33 +106,89 @@ def cv_score(dataset: Dataset, params: dict, config: TuneConfig) -> dict:
 
 
 def open_study(storage: str, config: TuneConfig) -> optuna.Study:
-    sampler = (
-        optuna.samplers.GridSampler(config.grid, seed=config.seed)
-        if config.grid is not None
-        else optuna.samplers.TPESampler(seed=config.seed)
-    )
-    storage_obj = optuna.storages.RDBStorage(
-        storage,
-        heartbeat_interval=60,
-        grace_period=180,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
-    )
-    return optuna.create_study(
-        study_name=STUDY_NAME, storage=storage_obj, sampler=sampler, direction="maximize", load_if_exists=True
-    )
+    """Create or join the study; for a grid, the creator queues every point once."""
+    try:
+        storage_obj = optuna.storages.RDBStorage(
+            storage,
+            heartbeat_interval=max(1, round(config.heartbeat)),
+            grace_period=max(2, round(3 * config.heartbeat)),
+            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2),
+        )
+    except (ImportError, ValueError) as exc:  # bad URL, missing database driver
+        raise BloodcellError(f"cannot use storage {storage!r} ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # SQLAlchemy's connection errors: an unreachable database server
+        raise BloodcellError(f"cannot reach storage {storage!r} ({type(exc).__name__})") from None
+    sampler = QueueOnly() if config.grid is not None else optuna.samplers.TPESampler(seed=config.seed)
+    try:
+        study = optuna.create_study(study_name=STUDY_NAME, storage=storage_obj, sampler=sampler, direction="maximize")
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=STUDY_NAME, storage=storage_obj, sampler=sampler)
+        if config.grid is not None:
+            _wait_for_grid(study, config.grid)
+        return study
+    if config.grid is not None:
+        points = [dict(zip(config.grid, values)) for values in itertools.product(*config.grid.values())]
+        for point in points:
+            study.enqueue_trial(point, skip_if_exists=True)
+        study.set_user_attr("grid", config.grid)  # set last: marks the queue as complete
+    return study
 
 
-def _grid_left(study: optuna.Study, grid: dict) -> int:
-    total = int(np.prod([len(v) for v in grid.values()]))
-    done = {
-        tuple(t.params[k] for k in grid)
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    }
-    return total - len(done)
+def _wait_for_grid(study: optuna.Study, grid: dict, timeout: float = 60.0) -> None:
+    """Joining a grid study: wait until its creator has queued every point, and check it is our grid."""
+    deadline = time.monotonic() + timeout
+    while "grid" not in study.user_attrs:
+        if time.monotonic() > deadline:
+            raise BloodcellError("the study in this storage has no complete grid queue; use a fresh --storage")
+        time.sleep(0.5)
+    stored = study.user_attrs["grid"]
+    if {k: [float(v) for v in vs] for k, vs in stored.items()} != {k: [float(v) for v in vs] for k, vs in grid.items()}:
+        raise BloodcellError(f"this storage holds another grid ({stored}); use another --storage or --out")
+
+
+class _NothingQueued(Exception):
+    """Another worker took the last queued grid point between our look and our ask."""
+
+
+class QueueOnly(optuna.samplers.BaseSampler):
+    """A grid worker's sampler: parameters come only from the queue, never from sampling."""
+
+    def infer_relative_search_space(self, study, trial) -> dict:
+        return {}
+
+    def sample_relative(self, study, trial, search_space) -> dict:
+        return {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        raise _NothingQueued()
+
+
+def work_through_grid(study: optuna.Study, objective, limit: int | None, pause: float) -> int:
+    """Run queued grid points until none is queued or running; returns how many this worker ran."""
+    states = optuna.trial.TrialState
+    ran = 0
+
+    def queued_only(trial: optuna.Trial) -> float:
+        try:
+            return objective(trial)
+        except _NothingQueued:
+            raise optuna.TrialPruned("no queued grid point left") from None
+
+    while limit is None or ran < limit:
+        optuna.storages.fail_stale_trials(study)  # a killed worker's point goes back in the queue
+        waiting = study.get_trials(deepcopy=False, states=(states.WAITING,))
+        if not waiting:
+            if not study.get_trials(deepcopy=False, states=(states.RUNNING,)):
+                break
+            time.sleep(pause)  # others are busy, or have gone silent: look again
+            continue
+        study.optimize(queued_only, n_trials=1, show_progress_bar=False)
+        ran += 1
+    return ran
 
 
 def tune(dataset: Dataset, out_dir: Path, config: TuneConfig, storage: str | None = None) -> dict:
-    """Run (or resume) the search and write tune_results.csv/png and best_params.json."""
+    """Run (or resume, or join) the search and write tune_results.csv/png and best_params.json."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{(out_dir / 'tune.db').resolve()}"
@@ -142,13 +204,9 @@ def tune(dataset: Dataset, out_dir: Path, config: TuneConfig, storage: str | Non
         return score["accuracy"]
 
     if config.grid is not None:
-        n_trials = _grid_left(study, config.grid)
-        if config.trials is not None:
-            n_trials = min(n_trials, config.trials)
+        work_through_grid(study, objective, config.trials, pause=config.heartbeat)
     else:
-        n_trials = config.trials or 20
-    if n_trials > 0:
-        study.optimize(objective, n_trials=n_trials, show_progress_bar=True)
+        study.optimize(objective, n_trials=config.trials or 20, show_progress_bar=True)
     return write_results(study, out_dir)
 
 
