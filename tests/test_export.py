@@ -50,7 +50,7 @@ def test_predict_with_the_onnx_backend(exported, cell_images):
 def test_bad_exports_are_one_line_errors(synthetic_run, tmp_path, monkeypatch):
     result = call_cli("export", tmp_path, check=False)
     assert result.returncode == 1 and "not a bloodcell run directory" in result.stderr
-    no_onnx = call_cli("predict", synthetic_run, synthetic_run, "--backend", "onnx", check=False)
+    no_onnx = call_cli("predict", synthetic_run, tmp_path, "--backend", "onnx", check=False)
     assert no_onnx.returncode == 1 and "export it first" in no_onnx.stderr
     monkeypatch.setitem(sys.modules, "onnx", None)  # as if the export extra were not installed
     missing = call_cli("export", synthetic_run, "--out", tmp_path / "m.onnx", check=False)

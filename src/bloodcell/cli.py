@@ -131,6 +131,12 @@ DATA = (
 )
 SIZE = arg("--size", type=int, default=28, choices=(28, 64, 128, 224), help="image size (default 28)")
 RUN = arg("run_dir", help="run directory written by `bloodcell train`")
+PACKAGED_OR_RUN = arg(
+    "run_dir",
+    nargs="?",
+    metavar="RUN",
+    help="run directory written by `bloodcell train` (default: the model packaged with bloodcell)",
+)
 DEVICE = arg(
     "--device",
     choices=("auto", "cpu", "cuda", "mps"),
@@ -179,6 +185,26 @@ def _classifier(args: argparse.Namespace):
         getattr(args, "backend", "torch"),
         getattr(args, "device", "cpu"),
     )
+
+
+def _run_or_packaged(args: argparse.Namespace, inputs: str) -> tuple[str, ...]:
+    """Let RUN be left out: a first argument that is not a run but an image path is an input.
+
+    Returns the note to print when the packaged model is used, so that nobody mistakes it for their own run."""
+    from bloodcell import runs
+
+    paths = getattr(args, inputs)
+    if args.run_dir is not None and not runs.is_run_dir(args.run_dir):
+        if not Path(args.run_dir).exists():
+            raise BloodcellError(f"{args.run_dir}: no such run directory, image file or folder")
+        paths.insert(0, args.run_dir)
+        args.run_dir = None
+    for path in paths:
+        if runs.is_run_dir(path):
+            raise BloodcellError(f"{path} is a run directory; name it first, then the images: RUN IMAGES...")
+    if args.run_dir is None:
+        return (f"no run named: using the model packaged with bloodcell ({runs.PACKAGED_RUN})",)
+    return ()
 
 
 def _wrote(paths: Sequence[Path], existed: set[Path] = frozenset()) -> str:
@@ -609,7 +635,7 @@ def _predict_arguments() -> list[Arg]:
     from bloodcell.predict import PredictOptions
 
     return [
-        RUN,
+        PACKAGED_OR_RUN,
         arg("paths", nargs="+", help="image files or folders (searched recursively)"),
         arg("--csv", help="also write one row per image to this CSV file"),
         arg(
@@ -636,6 +662,7 @@ def cmd_predict(args: argparse.Namespace) -> Output:
     from bloodcell.files import write_csv
 
     shard = _parse_shard(args.shard) if args.shard else None
+    note = _run_or_packaged(args, "paths")
     classifier = _classifier(args)
     files = preprocess.find_images(args.paths)
     if not files:
@@ -649,7 +676,7 @@ def cmd_predict(args: argparse.Namespace) -> Output:
         write_csv(Path(args.csv), [_csv_row(r) for r in records])
     lines = [_prediction_line(r) for r in records] + ["", format_differential(summary)]
     exit_code = EXIT_NONE_CLASSIFIED if summary["classified"] == 0 else EXIT_SOME_FAILED if summary["failed"] else 0
-    warnings = classifier.record.warnings
+    warnings = note + classifier.record.warnings
     data = {"records": records, "summary": summary, "warnings": list(warnings), "classes": list(classifier.classes)}
     if shard:
         data["shard"] = {"index": shard[0], "of": shard[1], "files_in_all_shards": total}
@@ -720,7 +747,7 @@ def _serve_arguments() -> list[Arg]:
     from bloodcell.predict import PredictOptions
 
     return [
-        RUN,
+        PACKAGED_OR_RUN,
         arg("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1, this machine only)"),
         arg("--port", type=int, default=8000, help="port (default 8000)"),
         arg(
@@ -745,6 +772,9 @@ def _serve_arguments() -> list[Arg]:
 def cmd_serve(args: argparse.Namespace) -> Output:
     from bloodcell.serve import serve
 
+    if args.run_dir is None:
+        args.paths = []
+        print(_run_or_packaged(args, "paths")[0], file=sys.stderr)  # before the server's own log lines
     serve(_classifier(args), _prediction_options(args), args.host, args.port, token=args.token)
     return Output({}, "")
 
@@ -755,7 +785,7 @@ def cmd_serve(args: argparse.Namespace) -> Output:
 @command(
     "explain",
     "Grad-CAM heat maps for image files/folders or dataset images",
-    RUN,
+    PACKAGED_OR_RUN,
     arg("images", nargs="*", help="full-size image files or folders (preprocessed as in `predict`)"),
     arg("--out", default="explain", help="output folder for the PNGs (default ./explain)"),
     arg("--class", dest="class_name", help="explain this class instead of the predicted one"),
@@ -767,6 +797,7 @@ def cmd_serve(args: argparse.Namespace) -> Output:
 def cmd_explain(args: argparse.Namespace) -> Output:
     from bloodcell import explain, preprocess
 
+    note = _run_or_packaged(args, "images")
     classifier = _classifier(args)
     out = Path(args.out)
     written = []
@@ -785,7 +816,7 @@ def cmd_explain(args: argparse.Namespace) -> Output:
             )
     if not written:
         raise BloodcellError("nothing to explain: give image files or folders and/or --index")
-    return Output({"figures": [str(p) for p in written]}, _wrote(written))
+    return Output({"figures": [str(p) for p in written]}, _wrote(written), warnings=note)
 
 
 @command(
@@ -831,16 +862,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(chosen if chosen in COMMANDS else None).parse_args(argv)
+    reports = os.environ.get("RANK", "0") == "0"  # under torchrun, one process reports for all
     try:
         _set_threads()
         output = COMMANDS[args.command].handler(args)
     except BloodcellError as exc:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, one process reports for all
+        if reports:
             print(f"bloodcell: error: {printable(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("bloodcell: interrupted", file=sys.stderr)
         return 130
+    if not reports:
+        return output.exit_code
     if getattr(args, "json", False):
         print(to_json(output.data))
     elif output.text:

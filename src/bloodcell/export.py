@@ -107,7 +107,7 @@ def export_onnx(run_dir: Path, out: Path) -> dict:
     return {"onnx": str(out), "model_card": str(card), "opset": OPSET, "bytes": out.stat().st_size}
 
 
-def model_card(classifier: Classifier, run_dir: Path, onnx_path: Path) -> str:
+def model_card(classifier: Classifier, run_dir: Path, onnx_path: Path | None = None) -> str:
     """A short Markdown card from the run's record: data, recipe, metrics, calibration, limits."""
     record = classifier.record
     config = record.train_config
@@ -115,12 +115,18 @@ def model_card(classifier: Classifier, run_dir: Path, onnx_path: Path) -> str:
     lines = [
         f"# bloodcell model card: {Path(run_dir).name}",
         "",
-        f"- File: `{onnx_path.name}` (ONNX opset {OPSET}); bloodcell {record.bloodcell_version}.",
+        (
+            f"- File: `{onnx_path.name}` (ONNX opset {OPSET}); bloodcell {record.bloodcell_version}."
+            if onnx_path
+            else f"- Files: a bloodcell run directory (weights in safetensors, record in JSON); bloodcell "
+            f"{record.bloodcell_version}."
+        ),
         f"- Task: classify one peripheral blood cell per image into {len(record.classes)} classes: "
         + ", ".join(record.classes)
         + ".",
         f"- Input: RGB pixels 0..255, {record.image_size} x {record.image_size}, the cell framed with crop "
-        f"`{record.preprocessing.crop}`; colour and channel normalisation are inside the graph.",
+        f"`{record.preprocessing.crop}`; colour and channel normalisation are "
+        + ("inside the graph." if onnx_path else "applied by bloodcell (recorded in model.json)."),
         f"- Architecture: `{record.arch}` {json.dumps(record.arch_args)}; recipe: "
         + ", ".join(
             f"{k}={config[k]}" for k in ("epochs", "batch_size", "lr", "label_smoothing", "colour") if k in config

@@ -71,7 +71,7 @@ class Classifier:
     @classmethod
     def from_run(
         cls,
-        run_dir: str | Path,
+        run_dir: str | Path | None = None,
         precision: str = "float32",
         compile: bool = False,
         backend: str = "torch",
@@ -82,8 +82,8 @@ class Classifier:
         ~10 s on first use, needs a C++ compiler) helps wider models more. See
         `benchmarks/bench_inference.py`. `backend="onnx"` runs the run's exported `model.onnx`
         (`bloodcell export`) on onnxruntime instead of PyTorch; `device` ('auto', 'cpu', 'cuda',
-        'mps') chooses where a PyTorch model runs."""
-        run_dir = Path(run_dir)
+        'mps') chooses where a PyTorch model runs. Without `run_dir`, the packaged default model."""
+        run_dir = Path(run_dir) if run_dir is not None else runs.PACKAGED_RUN
         record = runs.read_record(run_dir)
         ood_tensors = runs.read_ood(run_dir, record)
         ood = OodModel.from_tensors(ood_tensors) if ood_tensors is not None else None

@@ -34,6 +34,7 @@ ONNX = "model.onnx"  # written by `bloodcell export` (with model.md, the model c
 METRICS = "metrics.json"
 HISTORY = "history.csv"
 CHECKPOINT = "checkpoint"
+PACKAGED_RUN = Path(__file__).parent / "packaged" / "default"  # the recommended model, shipped in the wheel
 RUN_FILES = (MODEL_WEIGHTS, MODEL_META, OOD_WEIGHTS, ONNX, "model.md", METRICS, HISTORY, CHECKPOINT)
 
 

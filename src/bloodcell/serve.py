@@ -373,8 +373,9 @@ def guarded_protocol(limits: ServeLimits):
             self.loop.call_later(limits.header_timeout, self._close_if_idle)
 
         def handle_events(self) -> None:
-            pending.pop(self, None)  # it is talking: no longer idle
             super().handle_events()
+            if self.cycle is not None:  # a whole request head arrived; bytes of a head that never ends do not count
+                pending.pop(self, None)
 
         def connection_lost(self, exc) -> None:
             pending.pop(self, None)

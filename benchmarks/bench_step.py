@@ -1,0 +1,96 @@
+"""Where a training step's time goes on this CPU, and what changes it (not part of the test suite).
+
+    python benchmarks/bench_step.py --data-dir ../shared/data [--preset default] [--steps 30]
+
+Times one training step of the preset (augmentation, forward, backward, optimiser) on real
+training batches, side by side in one process, median of `--steps` steps after 5 warm-up steps:
+the preset as it trains, then one change at a time: NCHW instead of channels_last, batch 128 and
+512 (per image), 1 thread, torch.compile, and the augmentation alone. Prints the CPU model and
+the instruction set PyTorch uses; run it again with ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 CPU to
+see what CPUs without AVX-512 get.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from bloodcell import data
+from bloodcell.augment import augment_batch
+from bloodcell.train import PRESETS, build_model, make_optimizer, normalization
+
+try:
+    from bench_train import cpu_description
+except ImportError:  # run from another folder
+    from benchmarks.bench_train import cpu_description
+
+
+def time_steps(config, train, steps: int, compile_model: bool = False, augment_only: bool = False) -> float:
+    """Median seconds per step for `config` on batches drawn from `train`."""
+    torch.manual_seed(0)
+    model = build_model(config, train.images.shape[-1]).train()
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if compile_model else model
+    optimizer = make_optimizer(model, config)
+    mean, std, target = normalization(config, train)
+    generator = torch.Generator().manual_seed(0)
+    timings = []
+    for step in range(steps + 5):
+        index = torch.randint(len(train), (config.batch_size,), generator=generator)
+        start = time.perf_counter()
+        x = augment_batch(train.images[index], mean, std, config.augment, generator, target)
+        if not augment_only:
+            if config.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            loss = F.cross_entropy(forward(x), train.labels[index], label_smoothing=config.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if step >= 5:
+            timings.append(time.perf_counter() - start)
+    return statistics.median(timings)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir")
+    parser.add_argument("--preset", default="default", choices=list(PRESETS))
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = PRESETS[args.preset]
+    train = data.load(args.data_dir, size=config.image_size).train
+    print(f"torch {torch.__version__}, CPU: {cpu_description()}, preset {args.preset} ({config.model})")
+    steps_per_run = -(-len(train) // config.batch_size) * config.epochs
+    variants = {
+        "as trained (channels_last)": lambda: time_steps(config, train, args.steps),
+        "NCHW": lambda: time_steps(replace(config, channels_last=False), train, args.steps),
+        "batch 128": lambda: 2 * time_steps(replace(config, batch_size=128), train, args.steps),
+        "batch 512": lambda: time_steps(replace(config, batch_size=512), train, args.steps) / 2,
+        "torch.compile": lambda: time_steps(config, train, args.steps, compile_model=True),
+        "augmentation alone": lambda: time_steps(config, train, args.steps, augment_only=True),
+    }
+    results = {}
+    for name, run in variants.items():
+        results[name] = run()
+        print(f"  {name}: {results[name]:.3f} s per {config.batch_size} images", flush=True)
+    torch.set_num_threads(1)
+    results["1 thread"] = time_steps(config, train, args.steps)
+    torch.set_num_threads(args.threads)
+    base = results["as trained (channels_last)"]
+    print()
+    print(f"| variant | s per {config.batch_size} images | vs as trained | {args.preset} run ({steps_per_run} steps) |")
+    print("|---|---|---|---|")
+    for name, seconds in results.items():
+        print(f"| {name} | {seconds:.3f} | {seconds / base:.2f}x | {seconds * steps_per_run / 60:.1f} min |")
+
+
+if __name__ == "__main__":
+    main()
