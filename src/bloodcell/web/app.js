@@ -200,11 +200,11 @@ function renderDifferential() {
 
 function drawChart(summary) {
   const svg = $("chart");
-  const width = 320, height = 170, left = 6, bottom = 52;
+  const width = 320, height = 170, left = 6, right = 36, bottom = 52; // right: room for the slanted last label
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   svg.replaceChildren();
   const most = Math.max(1, ...state.classes.map((name) => summary.per_class[name].count));
-  const step = (width - left) / state.classes.length;
+  const step = (width - left - right) / state.classes.length;
   state.classes.forEach((name, i) => {
     const count = summary.per_class[name].count;
     const barHeight = ((height - bottom - 12) * count) / most;
