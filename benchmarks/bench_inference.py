@@ -1,11 +1,14 @@
 """Ways of running one trained model on 28 px tensors, side by side (not part of the test suite).
 
-    python benchmarks/bench_inference.py RUN_DIR --data-dir ../shared/data
+    python benchmarks/bench_inference.py RUN_DIR --data-dir ../shared/data [--bf16]
 
 Batch 1024, 2 threads, the test split passed 3 times; median of 5 timed passes after a warm-up
-pass (which also compiles). Agreement is the share of argmax predictions equal to float32 eager.
-With the `export` extra installed, the run is also exported to ONNX (in a temporary folder) and
-timed on onnxruntime (2 intra-op threads; pixels in, normalisation inside the graph).
+pass (which also compiles). The bfloat16 ways are timed only on CPUs with native bfloat16
+(emulated, they take many minutes), or with --bf16. Agreement is the share of argmax predictions
+equal to float32 eager; the last column is the largest |logit difference| from it (the ONNX
+parity figure). With the `export` extra installed, the run is also exported to ONNX (in a
+temporary folder) and timed on onnxruntime (2 intra-op threads; pixels in, normalisation inside
+the graph).
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ from bloodcell import data
 from bloodcell.augment import normalize
 from bloodcell.errors import BloodcellError
 
+try:
+    from bench_train import cpu_description
+except ImportError:  # run from another folder
+    from benchmarks.bench_train import cpu_description
+
 
 def images_per_second(run: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, repeats: int = 5) -> float:
     run(images)
@@ -40,8 +48,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
     parser.add_argument("--data-dir")
+    parser.add_argument("--bf16", action="store_true", help="time the bfloat16 ways even without native bfloat16")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    print(f"torch {torch.__version__}, CPU: {cpu_description()}")
     classifier = bloodcell.load(args.run_dir)
     mean, std = classifier.record.preprocessing.mean, classifier.record.preprocessing.std
     images = data.load(args.data_dir).test.images.repeat(3, 1, 1, 1)
@@ -63,24 +73,30 @@ def main() -> None:
 
     nchw = copy.deepcopy(classifier.model).to(memory_format=torch.contiguous_format)
     last = classifier.model
-    bf16 = copy.deepcopy(last).to(torch.bfloat16)
     with torch.no_grad():
         script = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(last, example)))
-        script_bf16 = torch.jit.optimize_for_inference(
-            torch.jit.freeze(torch.jit.trace(bf16, example.to(torch.bfloat16)))
-        )
     ways = {
         "eager float32, NCHW": runner(nchw, channels_last=False),
         "eager float32, channels_last (bloodcell.load default)": runner(last),
         "TorchScript freeze, float32": runner(script),
         "torch.compile, float32, frozen weights": runner(torch.compile(last, options={"freezing": True})),
-        "eager, bfloat16 autocast": runner(last, autocast=True),
-        "eager, bfloat16 weights": runner(bf16, torch.bfloat16),
-        "TorchScript freeze, bfloat16": runner(script_bf16, torch.bfloat16),
-        "torch.compile, bfloat16, frozen weights (precision=bfloat16, compile=True)": runner(
-            torch.compile(copy.deepcopy(bf16), options={"freezing": True}), torch.bfloat16
-        ),
     }
+    if args.bf16 or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        bf16 = copy.deepcopy(last).to(torch.bfloat16)
+        with torch.no_grad():
+            script_bf16 = torch.jit.optimize_for_inference(
+                torch.jit.freeze(torch.jit.trace(bf16, example.to(torch.bfloat16)))
+            )
+        ways |= {
+            "eager, bfloat16 autocast": runner(last, autocast=True),
+            "eager, bfloat16 weights": runner(bf16, torch.bfloat16),
+            "TorchScript freeze, bfloat16": runner(script_bf16, torch.bfloat16),
+            "torch.compile, bfloat16, frozen weights (precision=bfloat16, compile=True)": runner(
+                torch.compile(copy.deepcopy(bf16), options={"freezing": True}), torch.bfloat16
+            ),
+        }
+    else:
+        print("(no bfloat16 rows: this CPU has no native bfloat16 (AVX512-BF16 or AMX); --bf16 times them anyway)")
     with tempfile.TemporaryDirectory() as tmp:
         try:
             from bloodcell.export import export_onnx
@@ -96,13 +112,15 @@ def main() -> None:
 
 
 def _print_table(ways: dict[str, Callable[[torch.Tensor], torch.Tensor]], images: torch.Tensor) -> None:
-    reference = ways["eager float32, channels_last (bloodcell.load default)"](images).argmax(1)
-    print("| way | images/s | argmax agreement with float32 |")
-    print("|---|---|---|")
+    reference = ways["eager float32, channels_last (bloodcell.load default)"](images).float()
+    print("| way | images/s | argmax agreement with float32 | max abs logit difference |")
+    print("|---|---|---|---|")
     for name, run in ways.items():
         speed = images_per_second(run, images)
-        agreement = (run(images).argmax(1) == reference).float().mean().item()
-        print(f"| {name} | {speed:,.0f} | {agreement:.2%} |", flush=True)
+        logits = run(images).float()
+        agreement = (logits.argmax(1) == reference.argmax(1)).float().mean().item()
+        difference = (logits - reference).abs().max().item()
+        print(f"| {name} | {speed:,.0f} | {agreement:.2%} | {difference:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import optuna
+import pytest
 from PIL import Image
 
 from bloodcell.tune import STUDY_NAME
@@ -77,9 +86,6 @@ def test_tune_resumes_from_its_storage(real_data_dir, tmp_path):
 
 
 def _worker(real_data_dir, out, *extra):
-    import subprocess
-    import sys
-
     grid = "batch_size=64,128;max_epochs=1;lr=1e-3,1e-2"  # four points
     args = ["tune", "--data-dir", real_data_dir, "--out", out, "--grid", grid, "--folds", "2", "--subset", "400"]
     return subprocess.Popen(
@@ -128,3 +134,44 @@ def test_a_killed_workers_point_is_run_by_another(real_data_dir, tmp_path):
     assert _points(storage) == [(64, 1e-3), (64, 1e-2), (128, 1e-3), (128, 1e-2)]
     states = [t.state for t in optuna.load_study(study_name=STUDY_NAME, storage=storage).trials]
     assert optuna.trial.TrialState.FAIL in states  # the killed worker's trial, failed and queued again
+
+
+@pytest.fixture()
+def postgresql_url():
+    """A throwaway PostgreSQL server (Debian's `postgresql` package) in a temporary folder."""
+    binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    if not binaries or importlib.util.find_spec("psycopg2") is None:
+        pytest.skip("PostgreSQL server binaries or the psycopg2 driver are not installed")
+    bin_dir = binaries[-1].parent
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # initdb refuses root
+    folder = Path(tempfile.mkdtemp(prefix="bloodcell-pg-"))
+    if as_postgres:
+        shutil.chown(folder, "postgres")
+    data, port = folder / "data", _free_port()
+    subprocess.run(
+        [*as_postgres, bin_dir / "initdb", "-D", data, "--auth=trust", "-U", "postgres"],
+        check=True,
+        capture_output=True,
+    )
+    server_options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"
+    start = [*as_postgres, bin_dir / "pg_ctl", "-D", data, "-o", server_options, "-l", folder / "log", "-w", "start"]
+    subprocess.run(start, check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_postgres, bin_dir / "pg_ctl", "-D", data, "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_workers_on_a_real_postgresql_server(real_data_dir, tmp_path, postgresql_url):
+    workers = [_worker(real_data_dir, tmp_path / str(i), "--storage", postgresql_url) for i in range(2)]
+    for worker in workers:
+        _, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err[-2000:]
+    assert _points(postgresql_url) == [(64, 1e-3), (64, 1e-2), (128, 1e-3), (128, 1e-2)]

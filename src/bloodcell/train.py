@@ -315,7 +315,7 @@ def fit(
         initial=start_epoch * steps_per_epoch,
         desc=description,
         unit="step",
-        disable=not progress,
+        disable=not progress or not distributed.is_main(),  # one bar, not one per process
     )
     started = time.perf_counter()
     stopped_early = False
