@@ -138,7 +138,8 @@ def abuse_cases(url: str, port: int, image: bytes) -> dict:
         except httpx.HTTPError as exc:
             results[name] = f"connection error ({type(exc).__name__})"
     stalled = socket.create_connection(("127.0.0.1", port))
-    stalled.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nabc")
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+    stalled.sendall(head + b"Content-Length: 100000\r\n\r\n--x\r\n")  # then nothing more
     stalled.settimeout(40)
     t = time.perf_counter()
     results["stalled body"] = stalled.recv(100).split(b"\r\n")[0].decode() + f" after {time.perf_counter() - t:.0f} s"

@@ -272,8 +272,10 @@ def robustness(result: dict, path: Path, title: str = "") -> Path:
     """Accuracy against corruption severity, one line per family, clean accuracy dashed."""
     fig, ax = plt.subplots(figsize=(8.5, 5))
     severities = np.arange(1, 6)
-    for family, values in result["accuracy"].items():
-        ax.plot(severities, values, marker="o", ms=3, label=family.replace("_", " "))
+    colours = plt.get_cmap("tab20").colors  # eleven families: tab10 would repeat a colour
+    for i, (family, values) in enumerate(result["accuracy"].items()):
+        style = {"color": colours[(2 * i) % 20 + (2 * i) // 20], "ls": "-" if i < 10 else ":"}
+        ax.plot(severities, values, marker="o", ms=3, label=family.replace("_", " "), **style)
     ax.axhline(result["clean"], color="black", ls="--", lw=1, label="clean")
     ax.set_xticks(severities)
     ax.set_xlabel("severity (MedMNIST-C)")
