@@ -173,7 +173,8 @@ def test_idle_and_stalled_connections_do_not_starve_health(server):
         s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")  # headers never finished
         idle.append(s)
     stalled = socket.create_connection(("127.0.0.1", port))
-    stalled.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nabc")  # body never comes
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+    stalled.sendall(head + b"Content-Length: 100000\r\n\r\n--x\r\n")  # the rest of the body never comes
     started = time.monotonic()
     assert httpx.get(f"{url}/health", timeout=5).status_code == 200
     assert time.monotonic() - started < 1.0

@@ -96,6 +96,11 @@ def create_app(
         redoc_url=None,
     )
 
+    @app.exception_handler(_Abort)
+    async def aborted(request: Request, abort: _Abort) -> JSONResponse:
+        """A body that stalls or grows too large while a route reads it (else the framework says 500)."""
+        return JSONResponse({"detail": abort.message}, status_code=abort.status)
+
     @app.get("/", include_in_schema=False)
     def page():
         return FileResponse(WEB / "index.html", media_type="text/html")
