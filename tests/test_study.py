@@ -175,3 +175,31 @@ def test_two_workers_on_a_real_postgresql_server(real_data_dir, tmp_path, postgr
         _, err = worker.communicate(timeout=600)
         assert worker.returncode == 0, err[-2000:]
     assert _points(postgresql_url) == [(64, 1e-3), (64, 1e-2), (128, 1e-3), (128, 1e-2)]
+
+
+def _open_storage_after(barrier, url: str, results) -> None:
+    from bloodcell.tune import _connect
+
+    barrier.wait()
+    try:
+        _connect(url, heartbeat=1.0)
+        results.put("ok")
+    except Exception as exc:  # reported to the parent, which asserts on it
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+@pytest.mark.slow
+def test_workers_that_open_a_new_storage_at_once_all_get_in(tmp_path):
+    """Workers that create the storage's tables at the same moment: the loser retries (it used to exit)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for attempt in range(5):
+        barrier, results = context.Barrier(2), context.Queue()
+        url = f"sqlite:///{tmp_path / f'race{attempt}.db'}"
+        workers = [context.Process(target=_open_storage_after, args=(barrier, url, results)) for _ in range(2)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=60)
+        assert [results.get(timeout=5) for _ in workers] == ["ok", "ok"]

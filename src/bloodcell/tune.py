@@ -105,19 +105,35 @@ def cv_score(dataset: Dataset, params: dict, config: TuneConfig) -> dict:
     return {"accuracy": float(np.mean(accuracies)), "std": float(np.std(accuracies)), "epochs_run": stopped}
 
 
+def _connect(storage: str, heartbeat: float, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """Open the storage; workers starting together race to create its tables, so a lost race is retried."""
+    import sqlalchemy.exc
+
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)  # Optuna >= 4.9
+    callback = (
+        {"heartbeat_stale_trial_callback": retry(max_retry=2)}
+        if retry is not None
+        else {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=2)}
+    )
+    timing = {"heartbeat_interval": max(1, round(heartbeat)), "grace_period": max(2, round(3 * heartbeat))}
+    for attempt in itertools.count():
+        try:
+            return optuna.storages.RDBStorage(storage, **timing, **callback)
+        except (ImportError, ValueError) as exc:  # bad URL, missing database driver
+            raise BloodcellError(f"cannot use storage {storage!r} ({str(exc).splitlines()[0]})") from None
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as exc:
+            # another worker creating the tables or the version row at the same moment (SQLite also
+            # says "locked"), or a database server that is not up: try again, then give up
+            if attempt == attempts - 1:
+                raise BloodcellError(f"cannot reach storage {storage!r} ({type(exc).__name__})") from None
+            time.sleep(0.2 * (attempt + 1))
+        except Exception as exc:  # any other SQLAlchemy error
+            raise BloodcellError(f"cannot reach storage {storage!r} ({type(exc).__name__})") from None
+
+
 def open_study(storage: str, config: TuneConfig) -> optuna.Study:
     """Create or join the study; for a grid, the creator queues every point once."""
-    try:
-        storage_obj = optuna.storages.RDBStorage(
-            storage,
-            heartbeat_interval=max(1, round(config.heartbeat)),
-            grace_period=max(2, round(3 * config.heartbeat)),
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2),
-        )
-    except (ImportError, ValueError) as exc:  # bad URL, missing database driver
-        raise BloodcellError(f"cannot use storage {storage!r} ({str(exc).splitlines()[0]})") from None
-    except Exception as exc:  # SQLAlchemy's connection errors: an unreachable database server
-        raise BloodcellError(f"cannot reach storage {storage!r} ({type(exc).__name__})") from None
+    storage_obj = _connect(storage, config.heartbeat)
     sampler = QueueOnly() if config.grid is not None else optuna.samplers.TPESampler(seed=config.seed)
     try:
         study = optuna.create_study(study_name=STUDY_NAME, storage=storage_obj, sampler=sampler, direction="maximize")
