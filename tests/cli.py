@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import socket
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
@@ -30,3 +31,10 @@ def call_cli(*args, check: bool = True) -> subprocess.CompletedProcess:
     if check:
         assert code == 0, result.stderr[-3000:]
     return result
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (for servers the tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 import bloodcell
 from bloodcell.serve import Admission, ServeLimits, create_app, is_loopback
-from tests.cli import call_cli
+from tests.cli import call_cli, free_port
 
 
 @pytest.fixture(scope="module")
@@ -125,15 +125,9 @@ def test_serve_refuses_a_folder_that_is_not_a_run(tmp_path):
 # ---------------------------------------------------------------- slow lane: a real server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(real_run):
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "bloodcell", "serve", str(real_run), "--port", str(port)],
         stdout=subprocess.DEVNULL,

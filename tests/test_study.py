@@ -7,7 +7,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ import pytest
 from PIL import Image
 
 from bloodcell.tune import STUDY_NAME
-from tests.cli import run_cli
+from tests.cli import free_port, run_cli
 
 
 def test_reproduce_writes_every_output(real_data_dir, tmp_path):
@@ -147,7 +146,7 @@ def postgresql_url():
     folder = Path(tempfile.mkdtemp(prefix="bloodcell-pg-"))
     if as_postgres:
         shutil.chown(folder, "postgres")
-    data, port = folder / "data", _free_port()
+    data, port = folder / "data", free_port()
     subprocess.run(
         [*as_postgres, bin_dir / "initdb", "-D", data, "--auth=trust", "-U", "postgres"],
         check=True,
@@ -161,12 +160,6 @@ def postgresql_url():
     finally:
         subprocess.run([*as_postgres, bin_dir / "pg_ctl", "-D", data, "-m", "fast", "stop"], capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_workers_on_a_real_postgresql_server(real_data_dir, tmp_path, postgresql_url):

@@ -272,10 +272,9 @@ def robustness(result: dict, path: Path, title: str = "") -> Path:
     """Accuracy against corruption severity, one line per family, clean accuracy dashed."""
     fig, ax = plt.subplots(figsize=(8.5, 5))
     severities = np.arange(1, 6)
-    colours = plt.get_cmap("tab20").colors  # eleven families: tab10 would repeat a colour
     for i, (family, values) in enumerate(result["accuracy"].items()):
-        style = {"color": colours[(2 * i) % 20 + (2 * i) // 20], "ls": "-" if i < 10 else ":"}
-        ax.plot(severities, values, marker="o", ms=3, label=family.replace("_", " "), **style)
+        line = "-" if i < 10 else ":"  # the colour cycle has ten colours: the eleventh family is dotted
+        ax.plot(severities, values, marker="o", ms=3, ls=line, label=family.replace("_", " "))
     ax.axhline(result["clean"], color="black", ls="--", lw=1, label="clean")
     ax.set_xticks(severities)
     ax.set_xlabel("severity (MedMNIST-C)")
