@@ -19,6 +19,7 @@ import io
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -162,14 +163,18 @@ def main() -> None:
     args = parser.parse_args()
     images = [p.read_bytes() for p in preprocess.find_images([args.folder])][:400]
     port = free_port()
+    server_log = tempfile.TemporaryFile("w+")  # not a pipe: the server logs every request, and a full pipe blocks it
     server = subprocess.Popen(
         [sys.executable, "-m", "bloodcell", "serve", args.run_dir, "--port", str(port)],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=server_log,
     )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(240):
+            if server.poll() is not None:
+                server_log.seek(0)
+                sys.exit(f"the server did not start: {server_log.read().strip()}")
             try:
                 health_ms(url)
                 break

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import bloodcell
-from bloodcell import data
+from bloodcell import data, preprocess
 from bloodcell.differential import differential
 from bloodcell.errors import BloodcellError
 from bloodcell.predict import Classifier, PredictOptions
@@ -53,6 +53,18 @@ def test_files_bytes_pil_images_and_arrays_give_the_same_records(synthetic_run, 
     for other in (uploads, from_pil, from_arrays):
         assert [{k: v for k, v in r.items() if k != "path"} for r in other] == strip
     assert all(len(r["top_k"]) == 2 for r in files)
+
+
+def test_a_batch_is_prepared_as_each_image_alone(synthetic_run, cell_images):
+    """`prepare_sources` filters the whole batch at once; the pixels must be those of one image at a time."""
+    classifier = bloodcell.load(synthetic_run)
+    p = classifier.record.preprocessing
+    assert p.medmnist_filter and preprocess.emulates_medmnist(p.image_size, preprocess.Crop.parse(p.crop))
+    named = [(str(p), p) for p in cell_images] + [("broken", b"not an image")]
+    batch = classifier.prepare_sources(named, PredictOptions())
+    assert isinstance(batch[-1], str)
+    for (_, path), (pixels, _) in zip(named, batch[:-1]):
+        assert np.array_equal(pixels, classifier.prepare(path)[0])
 
 
 def test_tensor_inputs_uint8_float_and_normalised(synthetic_run, synthetic_file):

@@ -87,3 +87,15 @@ def test_size_limits_are_checked_from_the_header_before_decoding(tmp_path, monke
         preprocess.load(b"hello")
     with pytest.raises(preprocess.ImageError, match="uint8"):
         preprocess.load(np.zeros((40, 40, 3), np.float32))
+
+
+def test_the_filter_convolution_is_the_fitted_linear_map():
+    """The filter is fitted as a least-squares map of each pixel's neighbourhood and applied as a
+    convolution; both must compute the same numbers (up to float rounding of a grey level)."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 28, 28, 3), dtype=np.uint8)
+    for weights in (preprocess.medmnist_filter(), rng.normal(0, 0.05, (76, 3)).astype(np.float32)):
+        linear = (preprocess._neighbourhoods(images, 2) @ weights).reshape(images.shape).clip(0, 255).round()
+        filtered = preprocess.apply_medmnist_filter(images, weights)
+        assert np.abs(filtered - linear).max() <= 1 and (filtered != linear).mean() < 1e-3
+        assert np.array_equal(preprocess.apply_medmnist_filter(images[2], weights), filtered[2])

@@ -177,7 +177,7 @@ def create_app(
                 with model_lock:
                     record = classifier.classify_prepared([name], [(pixels, found)], options)[0]
                     explanation = gradcam.explain_image(classifier, pixels, class_name)
-                shown = preprocess.to_rgb(square)
+                shown = square.copy()  # thumbnail() works in place
                 shown.thumbnail((280, 280))
                 overlay = plots.heat_overlay(pixels, explanation.heatmap, side=280)
                 return record, _png(shown), _png(Image.fromarray(overlay))

@@ -1,0 +1,76 @@
+"""Two versions of `bloodcell serve` side by side: 64-image request throughput, alternating rounds.
+
+    git worktree add /tmp/before <commit>
+    python benchmarks/bench_serve_ab.py /tmp/before/src src RUN_DIR IMAGE_FOLDER [--rounds 6]
+
+This machine's speed drifts by tens of percent within minutes, so one benchmark run before a
+change and one after can mislead. Here both servers (one per source tree) run at once, idle in
+turn, and take alternating rounds of the same load; the medians and their ratio are what count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+
+from bench_serve import free_port, health_ms, load
+from bloodcell import preprocess
+
+
+def start(source_tree: str, run_dir: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "bloodcell", "serve", run_dir, "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": os.path.abspath(source_tree)},
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        if server.poll() is not None:
+            sys.exit(f"the server from {source_tree} did not start")
+        try:
+            health_ms(url)
+            return server, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    sys.exit(f"the server from {source_tree} did not answer in 120 s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("before", help="source tree of the first version (its src/ folder)")
+    parser.add_argument("after", help="source tree of the second version")
+    parser.add_argument("run_dir")
+    parser.add_argument("folder")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=12, help="64-image requests per round")
+    args = parser.parse_args()
+    images = [p.read_bytes() for p in preprocess.find_images([args.folder])][:400]
+    servers = {name: start(tree, args.run_dir) for name, tree in (("before", args.before), ("after", args.after))}
+    rates: dict[str, list[float]] = {name: [] for name in servers}
+    try:
+        for _ in range(args.rounds):
+            for name, (_, url) in servers.items():
+                result = asyncio.run(load(url, images, args.clients, 64, args.requests, 120))
+                rates[name].append(result["images_per_s"])
+                print(f"{name}: {result['images_per_s']:.0f} images/s, {result['errors']} errors", flush=True)
+    finally:
+        for server, _ in servers.values():
+            server.terminate()
+            server.wait(timeout=60)
+    before, after = (statistics.median(rates[name]) for name in ("before", "after"))
+    print(f"\n{args.clients} clients x 64-image requests, {args.rounds} alternating rounds (median images/s):")
+    print(f"before {before:.0f}, after {after:.0f}, ratio {after / before:.2f}")
+
+
+if __name__ == "__main__":
+    main()
