@@ -2,13 +2,15 @@
 
     python benchmarks/bench_train.py --data-dir DIR [--seeds 0 1 2] [--presets fast default default-64]
                                      [--full-size VAL_DIR TEST_DIR] [--runs KEEP_DIR] [--bf16]
+                                     [--teacher RUN]
 
 Prints the CPU model and the instruction set PyTorch uses (run it with ONEDNN_MAX_CPU_ISA=AVX2
 to see what CPUs without AVX-512 get). For each preset and seed: training time, test accuracy
 (plain and with 8-view TTA) and macro AUC, each run touching the test split once at its end;
 inference throughput on uint8 tensors of the preset's size (batch 1024, median of 5 timings);
 with --full-size, `predict` on the full-size PBC files of the validation split (and, once at the
-end, the test split): accuracy and images/s. Prints a Markdown table.
+end, the test split): accuracy and images/s. With --teacher, every preset is trained as a student
+of that run (distillation weight as `train --teacher`). Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import bloodcell
 from bloodcell import data
 from bloodcell.evaluate import labelled_folders, score_records
 from bloodcell.pipeline import train_run
-from bloodcell.train import PRESETS, with_overrides
+from bloodcell.runs import read_record
+from bloodcell.train import PRESETS, RECOMMENDED_DISTILL, with_overrides
 
 
 def cpu_description() -> str:
@@ -79,7 +82,12 @@ def main() -> None:
         help="full-size PBC files of the val and test splits (DIR/<class>/*.jpg): score predict on them",
     )
     parser.add_argument("--bf16", action="store_true", help="also time bfloat16 + torch.compile (AVX512-BF16/AMX CPUs)")
+    parser.add_argument("--teacher", metavar="RUN", help="train each preset as a student of this run")
     args = parser.parse_args()
+    teacher = None
+    if args.teacher:
+        teacher = (Path(args.teacher), data.load(args.data_dir, size=read_record(args.teacher).image_size))
+        print(f"teacher: {args.teacher} ({teacher[1].image_size} px), distillation weight {RECOMMENDED_DISTILL}")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bloodcell {bloodcell.__version__}")
     print(f"CPU: {cpu_description()}")
@@ -90,10 +98,10 @@ def main() -> None:
             dataset = data.load(args.data_dir, size=PRESETS[preset].image_size)
             results = []
             for seed in args.seeds:
-                config = with_overrides(PRESETS[preset], seed=seed)
+                config = with_overrides(PRESETS[preset], seed=seed, distill=RECOMMENDED_DISTILL if teacher else None)
                 run_dir = root / f"{preset}-{seed}"
                 start = time.perf_counter()
-                metrics = train_run(dataset, run_dir, config, progress=False, overwrite=True)
+                metrics = train_run(dataset, run_dir, config, progress=False, overwrite=True, teacher=teacher)
                 wall = time.perf_counter() - start
                 classifier = bloodcell.load(run_dir)
                 files = files_score(classifier, Path(args.full_size[0])) if args.full_size else (None, None)
@@ -109,7 +117,7 @@ def main() -> None:
             first = bloodcell.load(root / f"{preset}-{args.seeds[0]}")
             fp32 = bench_inference(first, dataset.test.images.repeat(3, 1, 1, 1))
             row = [
-                preset,
+                preset + (" (student)" if teacher else ""),
                 PRESETS[preset].model,
                 str(PRESETS[preset].image_size),
                 f"{statistics.median(r[1] for r in results):.0f}",

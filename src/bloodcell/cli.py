@@ -413,7 +413,7 @@ def cmd_train(args: argparse.Namespace) -> Output:
     from bloodcell import metrics
     from bloodcell.pipeline import train_run
     from bloodcell.runs import check_run_dir, read_record
-    from bloodcell.train import PRESETS, TrainConfig, with_overrides
+    from bloodcell.train import PRESETS, RECOMMENDED_DISTILL, TrainConfig, with_overrides
 
     config = with_overrides(PRESETS[args.preset], **config_values(TrainConfig, args))
     check_run_dir(args.out, overwrite=args.overwrite, resume=args.resume)  # before loading any data
@@ -425,7 +425,7 @@ def cmd_train(args: argparse.Namespace) -> Output:
         teacher_size = read_record(args.teacher).image_size
         teacher = (Path(args.teacher), _dataset(args, teacher_size) if teacher_size != dataset.image_size else dataset)
         if not config.distill:
-            config = replace(config, distill=0.7)  # --teacher alone: the recommended weight
+            config = replace(config, distill=RECOMMENDED_DISTILL)
     scores = train_run(
         dataset,
         Path(args.out),

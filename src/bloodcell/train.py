@@ -148,6 +148,9 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
+RECOMMENDED_DISTILL = 0.7  # the distillation weight `train --teacher` uses unless told otherwise
+
+
 def with_overrides(config: TrainConfig, **overrides) -> TrainConfig:
     """`config` with the given fields replaced; None values are ignored (unset CLI options)."""
     return replace(config, **{k: v for k, v in overrides.items() if v is not None})
