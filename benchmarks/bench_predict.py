@@ -4,6 +4,8 @@
 
 Times Classifier.predict_files (decode in threads + crop/resize + batched inference) and the
 `bloodcell predict` CLI as a user runs it (process start-up included); medians of the repeats.
+Also times the MedMNIST colour filter on the 28 px renderings, image by image and as one batch
+of 64 (how `predict_files` and the server apply it).
 """
 
 from __future__ import annotations
@@ -14,10 +16,27 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 
 import bloodcell
 from bloodcell import preprocess
+
+
+def filter_timings(paths: list[str], repeats: int = 5) -> tuple[float, float]:
+    """Microseconds per image of the MedMNIST filter: one image at a time, and a batch of 64."""
+    weights = preprocess.medmnist_filter()
+    images = np.stack([preprocess.load(p, emulate=False) for p in preprocess.find_images(paths)[:64]])
+    alone, batched = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for image in images:
+            preprocess.apply_medmnist_filter(image, weights)
+        alone.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        preprocess.apply_medmnist_filter(images, weights)
+        batched.append(time.perf_counter() - start)
+    return 1e6 * statistics.median(alone) / len(images), 1e6 * statistics.median(batched) / len(images)
 
 
 def main() -> None:
@@ -52,6 +71,8 @@ def main() -> None:
         f"bloodcell predict CLI:    {n / statistics.median(cli):,.0f} images/s (median {statistics.median(cli):.2f} s, "
         "process start-up included)"
     )
+    alone, batched = filter_timings(paths[:1])
+    print(f"MedMNIST filter: {alone:.0f} us per image alone, {batched:.0f} us per image in a batch of 64")
 
 
 if __name__ == "__main__":
