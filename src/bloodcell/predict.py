@@ -178,13 +178,15 @@ class Classifier:
     # ------------------------------------------------------------ full-size images
 
     def prepare(
-        self, source: preprocess.ImageSource, crop: str | None = None
+        self, source: preprocess.ImageSource, crop: str | None = None, medmnist_filter: bool = True
     ) -> tuple[np.ndarray, preprocess.CellFrame | None]:
         """One image (path, bytes, PIL image or HWC array) -> the uint8 HWC model input, and where
-        the cell was found (crop 'cell')."""
+        the cell was found (crop 'cell'). `medmnist_filter=False` leaves the run's MedMNIST filter
+        to the caller (`prepare_sources` applies it to a whole batch)."""
         p = self.record.preprocessing
-        image = preprocess.open_image(source)
-        return preprocess.prepare_framed(image, p.image_size, preprocess.Crop.parse(crop or p.crop), p.medmnist_filter)
+        crop_mode = preprocess.Crop.parse(crop or p.crop)
+        emulate = p.medmnist_filter and medmnist_filter
+        return preprocess.prepare_framed(preprocess.open_image(source), p.image_size, crop_mode, emulate)
 
     def predict_files(
         self, paths: Iterable[str | Path], options: PredictOptions | None = None, progress: bool = False, **overrides
@@ -227,11 +229,10 @@ class Classifier:
         p = self.record.preprocessing
         crop = preprocess.Crop.parse(options.crop or p.crop)
         filter_batch = p.medmnist_filter and preprocess.emulates_medmnist(p.image_size, crop)
-        emulate_each = p.medmnist_filter and not filter_batch
 
         def prepared_or_reason(source) -> tuple[np.ndarray, preprocess.CellFrame | None] | str:
             try:
-                return preprocess.prepare_framed(preprocess.open_image(source), p.image_size, crop, emulate_each)
+                return self.prepare(source, options.crop, medmnist_filter=not filter_batch)
             except preprocess.ImageError as exc:
                 return str(exc)
 
