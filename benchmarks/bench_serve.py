@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import os
 import socket
 import subprocess
 import sys
@@ -153,6 +154,32 @@ def abuse_cases(url: str, port: int, image: bytes) -> dict:
     return results
 
 
+def start_server(run_dir: str, source_tree: str | None = None) -> tuple[subprocess.Popen, str]:
+    """`bloodcell serve RUN_DIR` on a free loopback port (from `source_tree`'s src/ if given), once
+    it answers /health: the process and its URL. Exits with the server's error if it stops first."""
+    port = free_port()
+    server_log = tempfile.TemporaryFile("w+")  # not a pipe: the server logs every request, and a full pipe blocks it
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(source_tree)} if source_tree else None
+    server = subprocess.Popen(
+        [sys.executable, "-m", "bloodcell", "serve", run_dir, "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=server_log,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        if server.poll() is not None:
+            server_log.seek(0)
+            sys.exit(f"the server did not start: {server_log.read().strip()}")
+        try:
+            health_ms(url)
+            return server, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    server.terminate()
+    sys.exit(f"the server on {url} did not answer /health in 120 s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
@@ -162,24 +189,9 @@ def main() -> None:
     parser.add_argument("--abuse-only", action="store_true", help="skip the load levels")
     args = parser.parse_args()
     images = [p.read_bytes() for p in preprocess.find_images([args.folder])][:400]
-    port = free_port()
-    server_log = tempfile.TemporaryFile("w+")  # not a pipe: the server logs every request, and a full pipe blocks it
-    server = subprocess.Popen(
-        [sys.executable, "-m", "bloodcell", "serve", args.run_dir, "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=server_log,
-    )
-    url = f"http://127.0.0.1:{port}"
+    server, url = start_server(args.run_dir)
+    port = int(url.rsplit(":", 1)[1])
     try:
-        for _ in range(240):
-            if server.poll() is not None:
-                server_log.seek(0)
-                sys.exit(f"the server did not start: {server_log.read().strip()}")
-            try:
-                health_ms(url)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.5)
         print(f"server pid {server.pid}, {memory_mb(server.pid):.0f} MB at start")
         print("| clients | images/request | requests | images/s | p50 ms | p95 ms | p99 ms | errors |")
         print("|---|---|---|---|---|---|---|---|")

@@ -12,36 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import subprocess
-import sys
-import time
 
-import httpx
-
-from bench_serve import free_port, health_ms, load
+from bench_serve import load, start_server
 from bloodcell import preprocess
-
-
-def start(source_tree: str, run_dir: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "bloodcell", "serve", run_dir, "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": os.path.abspath(source_tree)},
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        if server.poll() is not None:
-            sys.exit(f"the server from {source_tree} did not start")
-        try:
-            health_ms(url)
-            return server, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    sys.exit(f"the server from {source_tree} did not answer in 120 s")
 
 
 def main() -> None:
@@ -55,7 +29,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=12, help="64-image requests per round")
     args = parser.parse_args()
     images = [p.read_bytes() for p in preprocess.find_images([args.folder])][:400]
-    servers = {name: start(tree, args.run_dir) for name, tree in (("before", args.before), ("after", args.after))}
+    servers = {
+        name: start_server(args.run_dir, tree) for name, tree in (("before", args.before), ("after", args.after))
+    }
     rates: dict[str, list[float]] = {name: [] for name in servers}
     try:
         for _ in range(args.rounds):
