@@ -53,6 +53,8 @@ def test_a_tight_crop_is_framed_by_the_cell_and_padded_with_background():
     ImageDraw.Draw(image).ellipse((15, 15, 135, 135), fill=NUCLEUS)
     frame = cells.locate(image)
     assert frame.scale_from == "cell extent" and frame.side > 150
+    assert frame.extent == pytest.approx(120, rel=0.05)  # the drawn cell, in pixels of the image
+    assert frame.side == pytest.approx(cells.FRAME_IN_CELL_EXTENTS * frame.extent)
     square = cells.crop(image, frame)
     assert square.size[0] == square.size[1] and square.size[0] > 150
     assert np.asarray(square)[0, 0].tolist() == list(cells.background_colour(image))

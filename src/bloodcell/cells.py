@@ -42,6 +42,7 @@ class CellFrame:
     found: bool  # a stained cell was found (else: the image's centre, at the image's own scale)
     candidates: int  # stained objects as large as a white cell
     scale_from: str  # "red cells", "cell extent" or "image"
+    extent: float = 0.0  # the stained cell's larger side in pixels (0: none found)
 
     def box(self) -> tuple[int, int, int, int]:
         half = self.side / 2
@@ -92,6 +93,7 @@ def locate(image: Image.Image) -> CellFrame:
         found=True,
         candidates=max(1, candidates),
         scale_from=scale_from,
+        extent=float(extent) / scale,
     )
 
 
