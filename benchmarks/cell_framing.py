@@ -40,8 +40,8 @@ def main() -> None:
         true_side = min(image.size) * 200 / 360
         ratio = frame.side / true_side
         extent_ratio = cells.FRAME_IN_CELL_EXTENTS * frame.extent / true_side
-        result = {"file": row["file"], "class": row["class"], "offset": offset, "ratio": ratio, "frame": frame}
-        result["extent_ratio"] = extent_ratio
+        result = {"file": row["file"], "class": row["class"], "frame": frame}
+        result |= {"offset": offset, "ratio": ratio, "extent_ratio": extent_ratio}
         by_class[row["class"]].append(result)
         results.append(result)
     header = f"{'class':<22}{'offset p50':>11}{'p90':>7}{'side ratio p10':>15}{'p50':>6}{'p90':>6}"

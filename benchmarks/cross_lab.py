@@ -63,25 +63,21 @@ def ensemble_scores(classifiers: list, folders: list[Path]) -> dict:
     """The seeds' runs as one model: calibrated probabilities averaged (each run with its own crop);
     flagged when the averaged top probability is low or any run flags the image for another reason."""
     files, labels, counts = labelled_folders(folders, classifiers[0].classes)
-    options = PredictOptions(top_k=len(classifiers[0].classes))
+    threshold = PredictOptions().min_confidence
+    # every class's probability, and review flags for every reason but confidence (checked on the average)
+    options = PredictOptions(top_k=len(classifiers[0].classes), min_confidence=0.0)
     runs = [c.predict_files(files, options) for c in classifiers]
     records = []
     for per_run in zip(*runs):
         if any(r["error"] for r in per_run):
             records.append(per_run[0])
             continue
-        mean = {name: 0.0 for name in classifiers[0].classes}
+        mean = dict.fromkeys(classifiers[0].classes, 0.0)
         for r in per_run:
             for entry in r["top_k"]:
                 mean[entry["class"]] += entry["probability"] / len(per_run)
         best = max(mean, key=mean.get)
-        other = any(
-            not reason.startswith("low confidence")
-            for r in per_run
-            for reason in (r["review_reason"] or "").split("; ")
-            if reason
-        )
-        review = mean[best] < options.min_confidence or other
+        review = mean[best] < threshold or any(r["review"] for r in per_run)
         records.append(per_run[0] | {"class": best, "probability": mean[best], "review": review})
     return score_records(records, labels, classifiers[0].classes, counts)
 
@@ -141,7 +137,7 @@ def main() -> None:
             if len(rows) > 1:
                 summary = {"variant": name, "seeds": args.seeds}
                 for key, value in rows[0].items():
-                    if isinstance(value, float) and key not in ("seed", "seconds"):
+                    if isinstance(value, float):
                         values = [r[key] for r in rows]
                         summary[key] = f"{statistics.fmean(values):.4f} +- {statistics.stdev(values):.4f}"
                 ensemble = ensemble_scores(classifiers, ood)
