@@ -196,3 +196,26 @@ def test_workers_that_open_a_new_storage_at_once_all_get_in(tmp_path):
         for worker in workers:
             worker.join(timeout=60)
         assert [results.get(timeout=5) for _ in workers] == ["ok", "ok"]
+
+
+@pytest.mark.slow
+def test_a_point_taken_by_a_worker_killed_before_its_first_heartbeat_is_run_again(tmp_path):
+    """The window the kill test hits only by chance: a running trial that never sent a heartbeat."""
+    import threading
+
+    from bloodcell.tune import TuneConfig, _params, open_study, work_through_grid
+
+    config = TuneConfig(grid={"batch_size": [64], "max_epochs": [1], "lr": [1e-3, 1e-2]}, heartbeat=0.5)
+    study = open_study(f"sqlite:///{tmp_path / 'tune.db'}", config)
+    study.ask()  # a worker takes the first point and dies before its heartbeat thread starts
+    worker = threading.Thread(
+        target=work_through_grid,
+        args=(study, lambda trial: _params(trial, config)["lr"], None, 0.2),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the worker waits forever for a trial nobody runs"
+    trials = study.get_trials()
+    assert sorted(t.params["lr"] for t in trials if t.state == optuna.trial.TrialState.COMPLETE) == [1e-3, 1e-2]
+    assert optuna.trial.TrialState.FAIL in [t.state for t in trials]

@@ -179,10 +179,25 @@ class QueueOnly(optuna.samplers.BaseSampler):
         raise _NothingQueued()
 
 
+def _give_silent_trials_a_heartbeat(study: optuna.Study, seen: set[int]) -> None:
+    """Record one heartbeat for each running trial this worker sees for the first time.
+
+    Optuna fails only trials whose last heartbeat is old; a worker killed after taking a point
+    but before its first heartbeat leaves a running trial with none, which would wait forever.
+    One heartbeat on our first sight makes such a trial go stale after the grace period like any
+    other; for a live trial it changes nothing (its own worker keeps beating).
+    """
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if trial._trial_id not in seen:
+            seen.add(trial._trial_id)
+            study._storage.record_heartbeat(trial._trial_id)
+
+
 def work_through_grid(study: optuna.Study, objective, limit: int | None, pause: float) -> int:
     """Run queued grid points until none is queued or running; returns how many this worker ran."""
     states = optuna.trial.TrialState
     ran = 0
+    seen_running: set[int] = set()
 
     def queued_only(trial: optuna.Trial) -> float:
         try:
@@ -191,6 +206,7 @@ def work_through_grid(study: optuna.Study, objective, limit: int | None, pause: 
             raise optuna.TrialPruned("no queued grid point left") from None
 
     while limit is None or ran < limit:
+        _give_silent_trials_a_heartbeat(study, seen_running)
         optuna.storages.fail_stale_trials(study)  # a killed worker's point goes back in the queue
         waiting = study.get_trials(deepcopy=False, states=(states.WAITING,))
         if not waiting:
