@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,9 @@ try:
     import optuna
 except ImportError:  # an optional extra: `predict` and `serve` installs do without it
     raise BloodcellError("tuning needs Optuna: pip install 'bloodcell[tune]'") from None
+
+# the heartbeat and retry API we rely on is marked experimental; users need not read that on every run
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module="bloodcell.tune")
 
 STUDY_GRID = {"batch_size": [64, 128, 256], "max_epochs": [30, 50], "lr": [1e-3, 1e-2, 1e-1]}
 STUDY_NAME = "bloodcell-tune"
@@ -118,7 +122,9 @@ def _connect(storage: str, heartbeat: float, attempts: int = 5) -> optuna.storag
     timing = {"heartbeat_interval": max(1, round(heartbeat)), "grace_period": max(2, round(3 * heartbeat))}
     for attempt in itertools.count():
         try:
-            return optuna.storages.RDBStorage(storage, **timing, **callback)
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and say so every time
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(storage, **timing, **callback)
         except (ImportError, ValueError) as exc:  # bad URL, missing database driver
             raise BloodcellError(f"cannot use storage {storage!r} ({str(exc).splitlines()[0]})") from None
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as exc:
