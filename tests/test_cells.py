@@ -7,6 +7,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from bloodcell import cells, preprocess
+from bloodcell.errors import BloodcellError
 
 BACKGROUND = (240, 228, 210)
 RED_CELL = (205, 160, 165)
@@ -58,6 +59,25 @@ def test_a_tight_crop_is_framed_by_the_cell_and_padded_with_background():
     square = cells.crop(image, frame)
     assert square.size[0] == square.size[1] and square.size[0] > 150
     assert np.asarray(square)[0, 0].tolist() == list(cells.background_colour(image))
+
+
+def test_a_stated_red_cell_size_sets_the_frame_of_a_tight_crop():
+    image = Image.new("RGB", (150, 150), (225, 225, 230))
+    ImageDraw.Draw(image).ellipse((15, 15, 135, 135), fill=NUCLEUS)
+    crop = preprocess.Crop.parse("cell:40")
+    frame = cells.locate(image, crop.red_cell)
+    assert frame.found and frame.scale_from == "stated red cell"
+    assert frame.side == pytest.approx(cells.FRAME_IN_RED_CELLS * 40)  # not the cell extent's 1.68 x 120
+    field = cells.locate(smear(), red_cell=50.0)  # stated beats measured (73 px red cells drawn)
+    assert field.scale_from == "stated red cell" and field.side == pytest.approx(cells.FRAME_IN_RED_CELLS * 50)
+    for bad in ("cell:", "cell:abc", "cell:0", "cell:-5", "cell:5000"):
+        with pytest.raises(BloodcellError, match="cell:PX"):
+            preprocess.Crop.parse(bad)
+
+
+def test_red_cells_are_measured_in_image_pixels():
+    diameters = cells.red_cells_in(smear(size=(720, 726), red_diameter=146, reds=12))
+    assert len(diameters) >= 6 and np.median(diameters) == pytest.approx(146, rel=0.08)
 
 
 def test_two_white_cells_are_counted_and_a_blank_image_has_none():

@@ -99,6 +99,7 @@ CASES = {
     "huge architecture": (["predict", "{huge}", "{image}"], "outside"),
     "newer run format": (["predict", "{newer}", "{image}"], "newer bloodcell"),
     "unknown crop": (["predict", "{run}", "{image}", "--crop", "sideways"], "--crop must be"),
+    "red cell size not a number": (["predict", "{run}", "{image}", "--crop", "cell:big"], "--crop cell:PX needs"),
     "confidence above 1": (["predict", "{run}", "{image}", "--min-confidence", "2"], "min_confidence must be"),
     "explain a 108 Mpx image": (["explain", "{run}", "{huge_image}", "--out", "{tmp}/x"], "too large"),
     "explain nothing": (["explain", "{run}", "--out", "{tmp}/x"], "nothing to explain"),

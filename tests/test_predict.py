@@ -164,6 +164,20 @@ def test_odd_file_names_are_printed_escaped(synthetic_run, cell_images, tmp_path
     assert json.loads(call_cli("predict", synthetic_run, odd, "--json").stdout)["records"][0]["path"] == str(odd)
 
 
+def test_a_stated_red_cell_size_frames_the_cell_through_the_cli(synthetic_run, tmp_path):
+    from tests.test_cells import smear
+
+    smear().save(tmp_path / "field.png")  # red cells drawn 73 px across
+    measured, stated = (
+        json.loads(call_cli("predict", synthetic_run, tmp_path / "field.png", "--crop", crop, "--json").stdout)
+        for crop in ("cell", "cell:50")
+    )
+    cells = [result["records"][0]["cell"] for result in (measured, stated)]
+    assert [c["scale_from"] for c in cells] == ["red cells", "stated red cell"]
+    left, top, right, bottom = cells[1]["box"]
+    assert right - left == pytest.approx(50 * 200 / 73, abs=1.5)
+
+
 def test_differential_arithmetic():
     classes = list(data.CLASSES)
     labels = ["neutrophil"] * 6 + ["lymphocyte"] * 3 + ["monocyte"] + ["erythroblast"] * 2 + ["platelet"] * 5

@@ -7,7 +7,8 @@ around the cell, whole fields with the cell anywhere among red cells) and magnif
 `locate` finds the white cell from its stained nucleus and cytoplasm and measures the
 magnification from the red cells around it (a red cell is about 7.5 um across in any lab's
 smear), so the crop shows the cell where and at the size the model knows. Without enough whole
-red cells to measure (a tight crop), the stained cell's own extent sets the scale.
+red cells to measure (a tight crop), the stained cell's own extent sets the scale, unless the
+caller states a red cell's size in its images (`--crop cell:PX`).
 
 The constants were measured on the 400 PBC images of `pbc_sample` by
 `benchmarks/cell_framing.py`, which also reports how close the frames come to MedMNIST's crop.
@@ -41,7 +42,7 @@ class CellFrame:
     side: float
     found: bool  # a stained cell was found (else: the image's centre, at the image's own scale)
     candidates: int  # stained objects as large as a white cell
-    scale_from: str  # "red cells", "cell extent" or "image"
+    scale_from: str  # "red cells", "stated red cell", "cell extent" or "image"
     extent: float = 0.0  # the stained cell's larger side in pixels (0: none found)
 
     def box(self) -> tuple[int, int, int, int]:
@@ -63,23 +64,28 @@ class CellFrame:
         }
 
 
-def locate(image: Image.Image) -> CellFrame:
-    """Find the white cell in an RGB image and the square that frames it like BloodMNIST."""
+def locate(image: Image.Image, red_cell: float | None = None) -> CellFrame:
+    """Find the white cell in an RGB image and the square that frames it like BloodMNIST.
+
+    `red_cell`: a red cell's diameter in this image's pixels, for a lab that knows its
+    magnification; it replaces the measurement (and the tight-crop rule).
+    """
     scale = WORKING_SIDE / min(image.size)
-    small = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
-    pixels = np.asarray(small, dtype=np.float32)
+    pixels = _working_pixels(image, scale)
     stained = _stained_mask(pixels)
     labels, count = ndimage.label(stained)
     if count == 0:
-        return _fallback(image)
+        return _fallback(image, red_cell)
     areas = ndimage.sum(stained, labels, range(1, count + 1))
     main = int(np.argmax(areas * _subject_weight(labels, stained.shape))) + 1
     rows, cols = ndimage.find_objects(labels)[main - 1]
     extent = max(rows.stop - rows.start, cols.stop - cols.start)
     centre_y, centre_x = ndimage.center_of_mass(labels == main)
-    red_cell = _red_cell_diameter(pixels, labels == main)
+    measured = red_cell_diameters(pixels, labels == main)
     if red_cell is not None:
-        side, scale_from = FRAME_IN_RED_CELLS * red_cell, "red cells"
+        side, scale_from = FRAME_IN_RED_CELLS * red_cell * scale, "stated red cell"
+    elif len(measured) >= MIN_RED_CELLS:
+        side, scale_from = FRAME_IN_RED_CELLS * float(np.median(measured)), "red cells"
     elif extent > TIGHT_CROP * min(stained.shape):
         side, scale_from = FRAME_IN_CELL_EXTENTS * extent, "cell extent"
     else:  # a field whose red cells could not be measured: assume PBC's magnification
@@ -95,6 +101,19 @@ def locate(image: Image.Image) -> CellFrame:
         scale_from=scale_from,
         extent=float(extent) / scale,
     )
+
+
+def red_cells_in(image: Image.Image) -> list[float]:
+    """Diameters (image pixels) of the whole, round red cells in an image away from stained cells:
+    how a lab's magnification is measured from its whole fields."""
+    scale = WORKING_SIDE / min(image.size)
+    pixels = _working_pixels(image, scale)
+    return [d / scale for d in red_cell_diameters(pixels, _stained_mask(pixels))]
+
+
+def _working_pixels(image: Image.Image, scale: float) -> np.ndarray:
+    small = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
+    return np.asarray(small, dtype=np.float32)
 
 
 def _subject_weight(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -124,8 +143,8 @@ def _stained_mask(pixels: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(mask)
 
 
-def _red_cell_diameter(pixels: np.ndarray, white_cell: np.ndarray) -> float | None:
-    """Median diameter (working pixels) of whole, round red cells, or None if too few are seen.
+def red_cell_diameters(pixels: np.ndarray, white_cell: np.ndarray) -> list[float]:
+    """Diameters (in `pixels`' pixels) of the whole, round red cells away from the white cell.
 
     Touching or cut cells are skipped rather than guessed at: a wrong scale is worse than none.
     """
@@ -147,13 +166,16 @@ def _red_cell_diameter(pixels: np.ndarray, white_cell: np.ndarray) -> float | No
             continue
         if max(h, w) > 1.3 * min(h, w) or area < 0.65 * h * w:
             continue  # not round: touching cells or debris
-        diameters.append(2 * np.sqrt(area / np.pi))
-    return float(np.median(diameters)) if len(diameters) >= MIN_RED_CELLS else None
+        diameters.append(float(2 * np.sqrt(area / np.pi)))
+    return diameters
 
 
-def _fallback(image: Image.Image) -> CellFrame:
-    side = min(image.size) * 200 / 360
-    return CellFrame(image.width / 2, image.height / 2, side, found=False, candidates=0, scale_from="image")
+def _fallback(image: Image.Image, red_cell: float | None) -> CellFrame:
+    if red_cell is None:
+        side, scale_from = min(image.size) * 200 / 360, "image"
+    else:
+        side, scale_from = FRAME_IN_RED_CELLS * red_cell, "stated red cell"
+    return CellFrame(image.width / 2, image.height / 2, side, found=False, candidates=0, scale_from=scale_from)
 
 
 def crop(image: Image.Image, frame: CellFrame) -> Image.Image:

@@ -33,8 +33,9 @@ class PredictOptions:
 
     crop: str | None = knob(
         None,
-        "framing of full-size images: 'medmnist' (the BloodMNIST geometry), 'none' (largest centred "
-        "square) or a fraction; default: what the run was trained for",
+        "framing of full-size images: 'cell' (find the white cell, frame it like BloodMNIST), 'cell:PX' "
+        "(the same where a red cell is PX pixels across in your images), 'medmnist' (the BloodMNIST "
+        "geometry), 'none' (largest centred square) or a fraction; default: what the run was trained for",
     )
     tta: bool = knob(False, "average over the 8 flips/rotations")
     top_k: int = knob(3, "classes listed per image")

@@ -45,15 +45,25 @@ class ImageError(BloodcellError):
 @dataclass(frozen=True)
 class Crop:
     """How a full-size image is framed: 'cell' (find the white cell, frame it like BloodMNIST),
-    'medmnist' (the MedMNIST geometry scaled to the image), 'none' (largest centred square), or a
-    fraction of the short side, centred."""
+    'cell:PX' (the same, for images where a red cell is PX pixels across: a lab that knows its
+    magnification), 'medmnist' (the MedMNIST geometry scaled to the image), 'none' (largest
+    centred square), or a fraction of the short side, centred."""
 
     fraction: float | None  # None: find the cell
+    red_cell: float | None = None  # with 'cell': a red cell's diameter in the images, in pixels
 
     @classmethod
     def parse(cls, spec: str | float) -> Crop:
         if spec == "cell":
             return cls(None)
+        if isinstance(spec, str) and spec.startswith("cell:"):
+            try:
+                red_cell = float(spec.removeprefix("cell:"))
+            except ValueError:
+                red_cell = 0.0
+            if not 4 <= red_cell <= 1000:
+                raise BloodcellError(f"--crop cell:PX needs a red cell's diameter in pixels (4 to 1000), got {spec!r}")
+            return cls(None, red_cell)
         if spec == "medmnist":
             return cls(MEDMNIST_CROP)
         if spec == "none":
@@ -62,7 +72,7 @@ class Crop:
             fraction = float(spec)
         except ValueError:
             raise BloodcellError(
-                f"--crop must be 'cell', 'medmnist', 'none' or a fraction in (0, 1], got {spec!r}"
+                f"--crop must be 'cell', 'cell:PX', 'medmnist', 'none' or a fraction in (0, 1], got {spec!r}"
             ) from None
         if not 0 < fraction <= 1:
             raise BloodcellError(f"--crop fraction must be in (0, 1], got {fraction}")
@@ -94,7 +104,7 @@ def frame(image: Image.Image, crop: Crop) -> tuple[Image.Image, CellFrame | None
     """The square of `image` the model sees, and where the cell was found (for crop 'cell')."""
     if crop.fraction is not None:
         return centre_crop(image, crop.fraction), None
-    found = cells.locate(image)
+    found = cells.locate(image, crop.red_cell)
     return cells.crop(image, found), found
 
 

@@ -98,7 +98,10 @@ class TrainConfig:
             (_number(self.ema_decay) and 0 <= self.ema_decay < 1, "EMA decay must be in [0, 1)"),
             (self.patience is None or (_whole(self.patience) and self.patience >= 1), "patience must be at least 1"),
             (self.colour in ("none", "lab"), f"colour must be none or lab, got {self.colour!r}"),
-            (_crop_ok(self.crop), f"crop must be cell, medmnist, none or a fraction in (0, 1], got {self.crop!r}"),
+            (
+                _crop_ok(self.crop),
+                f"crop must be cell, cell:PX, medmnist, none or a fraction in (0, 1], got {self.crop!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
