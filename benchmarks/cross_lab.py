@@ -26,15 +26,14 @@ from pathlib import Path
 
 import bloodcell
 from bloodcell import data
-from bloodcell.augment import AugmentConfig
 from bloodcell.evaluate import labelled_folders, score_records
 from bloodcell.pipeline import train_run
 from bloodcell.predict import PredictOptions
-from bloodcell.train import PRESETS, TrainConfig
+from bloodcell.train import CROSS_LAB_AUGMENT, PRESETS, TrainConfig
 
 FAST = replace(PRESETS["fast"], crop="cell")
 DEFAULT = replace(PRESETS["default"], crop="cell")  # res-small, 45 epochs, no label smoothing, blur/sharpen 1
-PHOTO = AugmentConfig(stain=0.15, brightness=0.15, contrast=0.15, gamma=0.2, saturation=0.25, blur=0.8, scale=0.15)
+PHOTO = CROSS_LAB_AUGMENT  # stain, brightness, contrast, gamma, saturation, blur, zoom
 STRONG = replace(PHOTO, stain=0.3, brightness=0.25, contrast=0.25, gamma=0.3, saturation=0.4, blur=1.0, scale=0.2)
 VARIANTS: dict[str, TrainConfig] = {
     "fast-cell": FAST,
@@ -47,6 +46,7 @@ VARIANTS: dict[str, TrainConfig] = {
     "default-cell-lab": replace(DEFAULT, colour="lab"),
     "default-cell-lab-photo": replace(DEFAULT, colour="lab", augment=replace(PHOTO, sharpness=1.0)),
     "fast-cell-lab-photo-zoom": replace(FAST, colour="lab", augment=replace(PHOTO, scale=0.35)),
+    "fast-cell-lab-photo-randconv": replace(FAST, colour="lab", augment=replace(PHOTO, randconv=0.5)),
     # the crosslab recipe on 64 px images (`build-data`'s file); blur and translation in the same cell units
     "crosslab-64": replace(
         PRESETS["crosslab"], model="res-small-64", image_size=64, augment=replace(PHOTO, translate=4, blur=1.8)

@@ -101,3 +101,20 @@ def test_blur_and_scale_keep_flat_images_flat():
     assert torch.allclose(augment.random_scale(flat, 0.3, g), flat, atol=1e-6)
     x = torch.rand(8, 3, 14, 14)
     assert torch.equal(augment.random_blur(x, 0.0, g), x) and torch.equal(augment.random_scale(x, 0.0, g), x)
+
+
+def test_random_convolution_keeps_each_images_shapes_and_never_mixes_images():
+    g = torch.Generator().manual_seed(7)
+    x = torch.zeros(6, 3, 12, 12)
+    for i in range(6):  # image i: one colour left of column i + 3, another right of it
+        x[i, :, :, : i + 3] = torch.rand(3, 1, 1, generator=g)
+        x[i, :, :, i + 3 :] = torch.rand(3, 1, 1, generator=g)
+    assert torch.equal(augment.random_convolution(x, 0.0, g), x)
+    y = augment.random_convolution(x, 1.0, g, sizes=(1,))  # a 1 x 1 kernel: colours change, edges stay
+    for i in range(6):
+        left, right = y[i, :, :, : i + 3], y[i, :, :, i + 3 :]
+        assert torch.allclose(left, left[:, :1, :1].expand_as(left), atol=1e-5)
+        assert torch.allclose(right, right[:, :1, :1].expand_as(right), atol=1e-5)
+        assert not torch.allclose(y[i], x[i], atol=1e-3)
+    wide = augment.random_convolution(torch.rand(16, 3, 20, 20), 0.5, g)
+    assert wide.shape == (16, 3, 20, 20) and torch.isfinite(wide).all()

@@ -39,6 +39,7 @@ class AugmentConfig:
     saturation: float = knob(0.0, "maximum relative saturation change")
     blur: float = knob(0.0, "maximum Gaussian blur sigma, in pixels of the model input")
     scale: float = knob(0.0, "maximum log-zoom (0.2: zoom in [0.82, 1.22], reflect-padded)")
+    randconv: float = knob(0.0, "share of images blended with a random convolution of themselves (texture)")
 
     @property
     def photometric(self) -> bool:
@@ -188,6 +189,37 @@ def random_blur(x: torch.Tensor, max_sigma: float, generator: torch.Generator, l
     return out
 
 
+def random_convolution(
+    x: torch.Tensor, share: float, generator: torch.Generator, sizes: Sequence[int] = (1, 3, 5)
+) -> torch.Tensor:
+    """RandConv (Xu et al. 2021): blend a share of the images with a random convolution of themselves.
+
+    Each chosen image gets its own random kernel (size from `sizes`, Kaiming-normal weights), its
+    output standardised per channel and mixed in with a random weight: new colours and textures
+    with the shapes kept, so the model leans on shape, which is what carries over between labs.
+    """
+    if share <= 0:
+        return x
+    chosen = (torch.rand(len(x), generator=generator) < share).nonzero().squeeze(1)
+    if len(chosen) == 0:
+        return x
+    out = x.clone()
+    sizes_drawn = torch.randint(0, len(sizes), (len(chosen),), generator=generator)
+    for which, size in enumerate(sizes):
+        idx = chosen[sizes_drawn == which]
+        if len(idx) == 0:
+            continue
+        n, c, h, w = len(idx), *x.shape[1:]
+        weight = torch.randn(n * c, c, size, size, generator=generator) / math.sqrt(c * size * size)
+        padded = F.pad(x[idx], (size // 2,) * 4, mode="reflect").reshape(1, n * c, h + size - 1, w + size - 1)
+        convolved = F.conv2d(padded, weight.to(x.device), groups=n).reshape(n, c, h, w)  # one kernel per image
+        mean, spread = convolved.mean(dim=(2, 3), keepdim=True), convolved.std(dim=(2, 3), keepdim=True)
+        convolved = (convolved - mean) / (spread + 1e-5)
+        mix = torch.rand(n, 1, 1, 1, generator=generator).to(x.device)
+        out[idx] = mix * x[idx] + (1 - mix) * convolved
+    return out
+
+
 def random_scale(x: torch.Tensor, max_log_zoom: float, generator: torch.Generator) -> torch.Tensor:
     """Zoom each image in or out by exp(U(-max, max)) about its centre (reflect-padded when out)."""
     if max_log_zoom <= 0:
@@ -219,6 +251,7 @@ def augment_batch(
         x = normalize(pixels * 255, mean, std)
     else:
         x = normalize(images, mean, std)
+    x = random_convolution(x, config.randconv, generator)
     x = random_dihedral(x, generator, config.flip, config.rot90)
     x = random_translate(x, config.translate, generator)
     x = random_scale(x, config.scale, generator)
