@@ -2,7 +2,7 @@
 
     python benchmarks/bench_train.py --data-dir DIR [--seeds 0 1 2] [--presets fast default default-64]
                                      [--full-size VAL_DIR TEST_DIR] [--runs KEEP_DIR] [--bf16]
-                                     [--teacher RUN]
+                                     [--teacher RUN] [--reuse]
 
 Prints the CPU model and the instruction set PyTorch uses (run it with ONEDNN_MAX_CPU_ISA=AVX2
 to see what CPUs without AVX-512 get). For each preset and seed: training time, test accuracy
@@ -10,7 +10,9 @@ to see what CPUs without AVX-512 get). For each preset and seed: training time, 
 inference throughput on uint8 tensors of the preset's size (batch 1024, median of 5 timings);
 with --full-size, `predict` on the full-size PBC files of the validation split (and, once at the
 end, the test split): accuracy and images/s. With --teacher, every preset is trained as a student
-of that run (distillation weight as `train --teacher`). Prints a Markdown table.
+of that run (distillation weight as `train --teacher`). With --reuse, runs already in --runs
+(PRESET-SEED) are read instead of retrained, so seeds trained on different days make one table.
+Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ def main() -> None:
     )
     parser.add_argument("--bf16", action="store_true", help="also time bfloat16 + torch.compile (AVX512-BF16/AMX CPUs)")
     parser.add_argument("--teacher", metavar="RUN", help="train each preset as a student of this run")
+    parser.add_argument("--reuse", action="store_true", help="read runs already in --runs instead of retraining")
     args = parser.parse_args()
     teacher = None
     if args.teacher:
@@ -101,15 +104,19 @@ def main() -> None:
                 config = with_overrides(PRESETS[preset], seed=seed, distill=RECOMMENDED_DISTILL if teacher else None)
                 run_dir = root / f"{preset}-{seed}"
                 start = time.perf_counter()
-                metrics = train_run(dataset, run_dir, config, progress=False, overwrite=True, teacher=teacher)
+                reused = args.reuse and (run_dir / "model.json").exists()
+                if reused:
+                    metrics = read_record(run_dir).metrics  # scored on test once, when it was trained
+                else:
+                    metrics = train_run(dataset, run_dir, config, progress=False, overwrite=True, teacher=teacher)
                 wall = time.perf_counter() - start
                 classifier = bloodcell.load(run_dir)
                 files = files_score(classifier, Path(args.full_size[0])) if args.full_size else (None, None)
                 results.append((wall, classifier.record.train_seconds, metrics, files))
                 print(
                     f"{preset} seed {seed}: train {classifier.record.train_seconds:.0f} s "
-                    f"(wall incl. eval {wall:.0f} s), "
-                    f"test acc {metrics['test']['accuracy']:.4f}, TTA {metrics['test_tta']['accuracy']:.4f}, "
+                    + ("(an existing run), " if reused else f"(wall incl. eval {wall:.0f} s), ")
+                    + f"test acc {metrics['test']['accuracy']:.4f}, TTA {metrics['test_tta']['accuracy']:.4f}, "
                     f"AUC {metrics['test_tta']['auc_macro_ovr']:.5f}"
                     + (f", full-size val files {files[0]:.4f} at {files[1]:,.0f} img/s" if files[0] else ""),
                     flush=True,
