@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import bloodcell
+from bench_train import mean_std  # this folder's scripts share it
 from bloodcell import data
 from bloodcell.evaluate import labelled_folders, score_records
 from bloodcell.pipeline import train_run
@@ -139,7 +139,7 @@ def main() -> None:
                 for key, value in rows[0].items():
                     if isinstance(value, float):
                         values = [r[key] for r in rows]
-                        summary[key] = f"{statistics.fmean(values):.4f} +- {statistics.stdev(values):.4f}"
+                        summary[key] = mean_std(values)
                 ensemble = ensemble_scores(classifiers, ood)
                 summary["ensemble_ood_acc"] = round(ensemble["accuracy"], 4)
                 summary["ensemble_ood_macro_recall"] = round(ensemble["macro_recall"], 4)

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 import bloodcell
+from bench_train import mean_std  # this folder's scripts share it
 from bloodcell import cells, data
 from bloodcell.evaluate import labelled_folders, score_records
 from bloodcell.predict import PredictOptions
@@ -75,19 +76,13 @@ def main() -> None:
                 score_records(c.predict_files(files, PredictOptions(crop=crop)), labels, c.classes, counts)
                 for c in classifiers
             ]
-            recall = {r["class"]: [] for r in scores[0]["per_class"]}
-            for s in scores:
-                for r in s["per_class"]:
-                    recall[r["class"]].append(r["recall"])
+            recall = np.mean([[r["recall"] for r in s["per_class"]] for s in scores], axis=0)
+            names = [r["class"] for r in scores[0]["per_class"]]
             print(
-                f"| {folder.name} | `{crop}` | {_mean_std([s['accuracy'] for s in scores])} "
-                f"| {_mean_std([s['macro_recall'] for s in scores])} "
-                f"| {', '.join(f'{c} {np.mean(v):.2f}' for c, v in recall.items())} |"
+                f"| {folder.name} | `{crop}` | {mean_std([s['accuracy'] for s in scores])} "
+                f"| {mean_std([s['macro_recall'] for s in scores])} "
+                f"| {', '.join(f'{c} {r:.2f}' for c, r in zip(names, recall))} |"
             )
-
-
-def _mean_std(values: list[float]) -> str:
-    return f"{np.mean(values):.3f} +- {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def locate(image: Image.Image, red_cell: float | None = None) -> CellFrame:
     rows, cols = ndimage.find_objects(labels)[main - 1]
     extent = max(rows.stop - rows.start, cols.stop - cols.start)
     centre_y, centre_x = ndimage.center_of_mass(labels == main)
-    measured = red_cell_diameters(pixels, labels == main)
+    measured = red_cell_diameters(pixels, labels == main) if red_cell is None else []
     if red_cell is not None:
         side, scale_from = FRAME_IN_RED_CELLS * red_cell * scale, "stated red cell"
     elif len(measured) >= MIN_RED_CELLS:
