@@ -1,7 +1,7 @@
 """Cross-lab recipe selection: in-domain validation accuracy beside accuracy on another lab's cells.
 
     python benchmarks/cross_lab.py VARIANT [VARIANT ...] --data-dir ../shared/data [--pbc-val DIR]
-                                   [--runs KEEP_DIR] [--seeds 42 0 1] [--show-test]
+                                   [--runs KEEP_DIR] [--seeds 42 0 1] [--show-test] [--classes NAMES]
 
 For each variant (a named training recipe below): trains on the training split, then prints one
 JSON line with the seconds, validation accuracy (tensors at the recipe's size, plain and TTA), and the
@@ -11,7 +11,8 @@ recipe's own crop. With `--pbc-val DIR` (full-size PBC files of the validation s
 images. With `--seeds`, each variant is trained once per seed and a summary line gives the
 mean +- std and the seeds' runs as one ensemble (averaged probabilities) on `ood_dev`. The
 test split is scored by training's own last step and printed only with `--show-test`, for
-the final recipe.
+the final recipe. With `--classes`, `ood_dev` is scored with the answers restricted to those
+classes (`bloodcell evaluate --classes`), as for a lab that counts white cells only.
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ def ensemble_scores(classifiers: list, folders: list[Path]) -> dict:
     return score_records(records, labels, classifiers[0].classes, counts)
 
 
-def score_run(classifier, dataset: data.Dataset, ood: list[Path], pbc_val: str | None, show_test: bool) -> dict:
+def score_run(
+    classifier, dataset: data.Dataset, ood: list[Path], pbc_val: str | None, show_test: bool, classes: list[str]
+) -> dict:
     val = [
         (classifier.predict_proba(dataset.val.images, tta).argmax(1) == dataset.val.labels).float().mean().item()
         for tta in (False, True)
@@ -90,7 +93,7 @@ def score_run(classifier, dataset: data.Dataset, ood: list[Path], pbc_val: str |
     row = {"val": round(val[0], 4), "val_tta": round(val[1], 4)}
     if show_test:  # computed once by train_run at the end of training; shown only for final recipes
         row["test_tta"] = round(classifier.record.metrics["test_tta"]["accuracy"], 4)
-    scores = folder_scores(classifier, ood, PredictOptions())
+    scores = folder_scores(classifier.restricted_to(classes) if classes else classifier, ood, PredictOptions())
     row |= {
         "ood_acc": round(scores["accuracy"], 4),
         "ood_macro_recall": round(scores["macro_recall"], 4),
@@ -112,8 +115,10 @@ def main() -> None:
     parser.add_argument("--runs", help="keep each variant's run here (and reuse it when it exists)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="train each variant once per seed")
     parser.add_argument("--show-test", action="store_true", help="also print test TTA accuracy (final recipes only)")
+    parser.add_argument("--classes", metavar="NAMES", help="score ood_dev with answers restricted to these classes")
     parser.add_argument("variants", nargs="+", choices=list(VARIANTS))
     args = parser.parse_args()
+    classes = args.classes.split(",") if args.classes else []
     root = data.resolve_data_dir(args.data_dir)
     datasets: dict[int, data.Dataset] = {}
     ood = [root / "ood_dev" / "bccd_crops", root / "ood_dev" / "bccd_fields"]
@@ -132,7 +137,7 @@ def main() -> None:
                     train_run(dataset, run_dir, replace(config, seed=seed), progress=False, overwrite=True)
                 classifiers.append(bloodcell.load(run_dir))
                 row = {"variant": name, "seed": seed, "seconds": round(time.perf_counter() - start)}
-                rows.append(row | score_run(classifiers[-1], dataset, ood, args.pbc_val, args.show_test))
+                rows.append(row | score_run(classifiers[-1], dataset, ood, args.pbc_val, args.show_test, classes))
                 print(json.dumps(rows[-1]), flush=True)
             if len(rows) > 1:
                 summary = {"variant": name, "seeds": args.seeds}
@@ -140,7 +145,7 @@ def main() -> None:
                     if isinstance(value, float):
                         values = [r[key] for r in rows]
                         summary[key] = mean_std(values)
-                ensemble = ensemble_scores(classifiers, ood)
+                ensemble = ensemble_scores([c.restricted_to(classes) if classes else c for c in classifiers], ood)
                 summary["ensemble_ood_acc"] = round(ensemble["accuracy"], 4)
                 summary["ensemble_ood_macro_recall"] = round(ensemble["macro_recall"], 4)
                 summary["ensemble_ood_selective"] = round(ensemble["selective_accuracy"], 4)

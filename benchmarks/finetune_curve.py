@@ -1,6 +1,7 @@
 """Fine-tuning to a new lab: accuracy on the rest of its images against labelled images per class.
 
     python benchmarks/finetune_curve.py RUN --data-dir ../shared/data [--shots 1 5 10 25] [--draws 5]
+        [--classes NAMES] [--set KNOB=VALUE ...]
 
 For each number of labelled images per class and each random draw, picks that many images per
 class from `ood_dev` (both folders; fewer where a class has fewer), runs `bloodcell.finetune` on
@@ -16,6 +17,7 @@ import random
 import shutil
 import statistics
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 
 import bloodcell
@@ -30,7 +32,17 @@ def main() -> None:
     parser.add_argument("--data-dir")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25])
     parser.add_argument("--draws", type=int, default=5)
+    parser.add_argument("--classes", metavar="NAMES", help="score with predictions restricted to these classes")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KNOB=VALUE", help="FinetuneConfig knobs to change")
     args = parser.parse_args()
+    knobs = {f.name: f.type for f in fields(FinetuneConfig)}
+    changes = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if name not in knobs:
+            parser.error(f"--set {item}: FinetuneConfig has no knob {name!r} (it has {', '.join(knobs)})")
+        parse = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes")}[knobs[name]]
+        changes[name] = parse(value)
     root = data.resolve_data_dir(args.data_dir)
     parent = bloodcell.load(args.run_dir)
     dataset = data.load(args.data_dir, size=parent.image_size)
@@ -41,6 +53,8 @@ def main() -> None:
         by_class.setdefault(label, []).append(i)
 
     def score(classifier, indices: list[int]) -> float:
+        if args.classes:
+            classifier = classifier.restricted_to(args.classes.split(","))
         records = classifier.predict_files([files[i] for i in indices])
         return score_records(records, [labels[i] for i in indices], classifier.classes, {})["accuracy"]
 
@@ -60,7 +74,7 @@ def main() -> None:
                     for i in members:
                         shutil.copy(files[i], folder / f"{i}_{Path(files[i]).name}")
                 out = Path(tmp) / "run"
-                finetune(Path(args.run_dir), lab, dataset, out, FinetuneConfig(seed=draw), progress=False)
+                finetune(Path(args.run_dir), lab, dataset, out, FinetuneConfig(**changes, seed=draw), progress=False)
                 accuracy = score(bloodcell.load(out), rest)
             results[shots].append(accuracy)
             print(json.dumps({"shots": shots, "draw": draw, "test_images": len(rest), "accuracy": round(accuracy, 4)}))

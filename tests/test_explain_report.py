@@ -100,6 +100,23 @@ def test_explain_on_files_folders_and_dataset_indices(synthetic_run, synthetic_f
     assert bad.returncode == 1 and "outside the test split" in bad.stderr
 
 
+def test_explain_restricted_to_some_classes_explains_what_predict_answers(synthetic_run, synthetic_file, tmp_path):
+    import bloodcell
+    from bloodcell import data
+
+    only = bloodcell.load(synthetic_run).restricted_to(["lymphocyte", "monocyte"])
+    images = data.load(data_file=synthetic_file).test.images[:6]
+    answers = only.predict(images)
+    for image, answer in zip(images, answers):
+        explanation = explain.explain_image(only, image.permute(1, 2, 0).numpy())
+        assert only.classes[explanation.predicted_index] == answer and answer in ("lymphocyte", "monocyte")
+    refused = call_cli(
+        "explain", synthetic_run, "--index", "0", "--classes", "lymphocyte", "--class", "platelet",
+        "--data-file", synthetic_file, "--out", tmp_path, check=False,
+    )  # fmt: skip
+    assert refused.returncode == 1 and "unknown class 'platelet'; choose one of lymphocyte" in refused.stderr
+
+
 def test_report_embeds_only_regular_files_inside_the_folder(synthetic_file, tmp_path):
     from bloodcell import report
 

@@ -65,3 +65,14 @@ def test_hold_out_keeps_small_classes_whole():
     assert set(train.tolist()).isdisjoint(held.tolist())
     with pytest.raises(BloodcellError):
         FinetuneConfig(holdout=1.5)
+
+
+def test_a_lab_folder_is_scored_answering_only_among_the_named_classes(synthetic_run, synthetic_file, lab_folder):
+    args = ["evaluate", synthetic_run, "--images", lab_folder, "--data-file", synthetic_file]
+    restricted = json.loads(call_cli(*args, "--classes", "neutrophil,lymphocyte,ig", "--json").stdout)
+    assert restricted["answerable"] == ["immature granulocyte", "lymphocyte", "neutrophil"]
+    assert {r["class"] for r in restricted["records"]} <= set(restricted["answerable"])
+    assert len(restricted["records"]) == 15
+    text = call_cli(*args, "--classes", "neutrophil,lymphocyte,ig").stdout
+    assert "answering only among: immature granulocyte, lymphocyte, neutrophil (--classes)" in text
+    assert "answering only" not in call_cli(*args).stdout

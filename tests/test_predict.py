@@ -178,6 +178,39 @@ def test_a_stated_red_cell_size_frames_the_cell_through_the_cli(synthetic_run, t
     assert right - left == pytest.approx(50 * 200 / 73, abs=1.5)
 
 
+def test_restricted_to_some_classes_answers_only_among_them(synthetic_run, synthetic_file, cell_images):
+    classifier = bloodcell.load(synthetic_run)
+    images = data.load(data_file=synthetic_file).val.images
+    full = classifier.predict_proba(images)
+    only = classifier.restricted_to(["NEUTROPHILS", "ig", "lymphocyte"])
+    assert only.answerable == ("immature granulocyte", "lymphocyte", "neutrophil")
+    kept = [3, 4, 6]
+    restricted = only.predict_proba(images)
+    others = [k for k in range(8) if k not in kept]
+    assert torch.all(restricted[:, others] == 0)
+    assert torch.allclose(restricted.sum(1), torch.ones(len(images)))
+    # among the kept classes the odds are the model's own
+    expected = full[:, kept] / full[:, kept].sum(1, keepdim=True)
+    assert torch.allclose(restricted[:, kept], expected, atol=1e-5)
+    records = only.predict_files(cell_images, top_k=5)
+    assert {r["class"] for r in records} <= set(only.answerable)
+    assert all(r["top_k"][0]["class"] == r["class"] for r in records)
+    out = json.loads(
+        call_cli("predict", synthetic_run, *cell_images, "--classes", "ig,lymphocyte,neutrophil", "--json").stdout
+    )
+    assert out["records"] == only.predict_files(cell_images) and out["answerable"] == list(only.answerable)
+    text = call_cli("predict", synthetic_run, *cell_images, "--classes", "ig,lymphocyte,neutrophil").stdout
+    assert "answering only among: immature granulocyte, lymphocyte, neutrophil" in text
+
+
+def test_unknown_or_no_class_names_are_refused(synthetic_run, cell_images):
+    bad = call_cli("predict", synthetic_run, *cell_images, "--classes", "neutrophil,macrophage", check=False)
+    assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
+    assert "'macrophage'" in bad.stderr and "basophil, eosinophil" in bad.stderr
+    empty = call_cli("predict", synthetic_run, *cell_images, "--classes", ",", check=False)
+    assert empty.returncode != 0 and "name at least one class" in empty.stderr
+
+
 def test_differential_arithmetic():
     classes = list(data.CLASSES)
     labels = ["neutrophil"] * 6 + ["lymphocyte"] * 3 + ["monocyte"] + ["erythroblast"] * 2 + ["platelet"] * 5

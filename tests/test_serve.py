@@ -27,6 +27,15 @@ def _files(paths):
     return [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
 
 
+def test_a_server_restricted_to_some_classes_says_so_and_answers_among_them(synthetic_run, cell_images):
+    restricted = bloodcell.load(synthetic_run).restricted_to(["lymphocyte", "monocyte"])
+    client = TestClient(create_app(restricted))
+    assert client.get("/health").json()["answerable"] == ["lymphocyte", "monocyte"]
+    records = client.post("/predict", files=_files(cell_images)).json()["records"]
+    assert [r["class"] for r in records] == [r["class"] for r in restricted.predict_files(cell_images)]
+    assert {r["class"] for r in records} <= {"lymphocyte", "monocyte"}
+
+
 def test_predict_endpoint_matches_predict_files_and_reports_bad_uploads(client, synthetic_run, cell_images):
     classifier = bloodcell.load(synthetic_run)
     health = client.get("/health").json()

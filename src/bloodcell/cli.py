@@ -143,6 +143,12 @@ DEVICE = arg(
     default="cpu",
     help="where the network runs: cpu (default), cuda, mps, or auto (a GPU if PyTorch sees one)",
 )
+CLASSES = arg(
+    "--classes",
+    metavar="NAMES",
+    help="answer only among these classes, comma-separated (e.g. a white-cell differential: "
+    "basophil,eosinophil,lymphocyte,monocyte,neutrophil); the others get probability 0",
+)
 INFERENCE = (
     DEVICE,
     arg(
@@ -162,6 +168,7 @@ INFERENCE = (
         action="store_true",
         help="torch.compile the model first (about 10 s; helps wide models, not the default res-small)",
     ),
+    CLASSES,
 )
 
 
@@ -178,13 +185,15 @@ def _dataset(args: argparse.Namespace, size: int | None = None):
 def _classifier(args: argparse.Namespace):
     from bloodcell.predict import Classifier
 
-    return Classifier.from_run(
+    classifier = Classifier.from_run(
         args.run_dir,
         getattr(args, "precision", "float32"),
         getattr(args, "compile", False),
         getattr(args, "backend", "torch"),
         getattr(args, "device", "cpu"),
     )
+    only = getattr(args, "classes", None)
+    return classifier if only is None else classifier.restricted_to(only.split(","))
 
 
 def _run_or_packaged(args: argparse.Namespace, inputs: str) -> tuple[str, ...]:
@@ -481,10 +490,17 @@ def cmd_evaluate(args: argparse.Namespace) -> Output:
     result = evaluate(classifier, split, args.tta, logits, ood_scores, args.min_confidence)
     figures = write_figures(classifier, split, result, folder, args.split, logits=logits)
     text = (
-        f"{printable(args.run_dir)}: {args.split} split{' with TTA' if args.tta else ''}\n"
+        f"{printable(args.run_dir)}: {args.split} split{' with TTA' if args.tta else ''}\n{_answering(classifier)}"
         f"{format_metrics(result)}\n\n{_wrote(figures, existed)}"
     )
-    return Output(result | {"figures": [str(p) for p in figures]}, text)
+    return Output(result | {"figures": [str(p) for p in figures], "answerable": list(classifier.answerable)}, text)
+
+
+def _answering(classifier) -> str:
+    """A line saying which classes a `--classes` restriction left (nothing when there is none)."""
+    if classifier.only is None:
+        return ""
+    return f"answering only among: {', '.join(classifier.answerable)} (--classes)\n"
 
 
 def _evaluate_folder(classifier, args: argparse.Namespace, folder: Path, existed: set[Path]) -> Output:
@@ -501,10 +517,15 @@ def _evaluate_folder(classifier, args: argparse.Namespace, folder: Path, existed
         matrix, folder / f"confusion_{label}.png", label, rows=result["classes_present"], columns=classifier.classes
     )
     shown = " ".join(map(printable, args.images))
-    text = f"{printable(args.run_dir)} on {shown}\n{format_folder_scores(result)}\n\n"
+    text = f"{printable(args.run_dir)} on {shown}\n{_answering(classifier)}{format_folder_scores(result)}\n\n"
     text += _wrote([figure], existed)
     labelled = [r | {"label": classifier.classes[y]} for r, y in zip(records, labels)]
-    data = result | {"figures": [str(figure)], "records": labelled, "warnings": list(classifier.record.warnings)}
+    data = result | {
+        "figures": [str(figure)],
+        "records": labelled,
+        "answerable": list(classifier.answerable),
+        "warnings": list(classifier.record.warnings),
+    }
     return Output(data, text, warnings=classifier.record.warnings)
 
 
@@ -674,10 +695,16 @@ def cmd_predict(args: argparse.Namespace) -> Output:
     summary = differential(records, classifier.classes)
     if args.csv:
         write_csv(Path(args.csv), [_csv_row(r) for r in records])
-    lines = [_prediction_line(r) for r in records] + ["", format_differential(summary)]
+    lines = [_prediction_line(r) for r in records] + ["", _answering(classifier) + format_differential(summary)]
     exit_code = EXIT_NONE_CLASSIFIED if summary["classified"] == 0 else EXIT_SOME_FAILED if summary["failed"] else 0
     warnings = note + classifier.record.warnings
-    data = {"records": records, "summary": summary, "warnings": list(warnings), "classes": list(classifier.classes)}
+    data = {
+        "records": records,
+        "summary": summary,
+        "warnings": list(warnings),
+        "classes": list(classifier.classes),
+        "answerable": list(classifier.answerable),
+    }
     if shard:
         data["shard"] = {"index": shard[0], "of": shard[1], "files_in_all_shards": total}
     return Output(data, "\n".join(lines), exit_code, warnings=warnings)
@@ -792,6 +819,7 @@ def cmd_serve(args: argparse.Namespace) -> Output:
     arg("--split", default="test", choices=("train", "val", "test"), help="split for --index"),
     arg("--index", type=int, nargs="+", help="dataset image indices in --split"),
     arg("--crop", help="framing for image files, as in `predict` (default: the run's)"),
+    CLASSES,
     DATA,
 )
 def cmd_explain(args: argparse.Namespace) -> Output:

@@ -8,7 +8,7 @@ gradient of the class score, keeps the positive part and upsamples it to the inp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,9 +44,14 @@ def target_layer(model: nn.Module) -> nn.Module:
 
 
 def grad_cam(
-    model: nn.Module, x: torch.Tensor, class_index: int | None = None, temperature: float = 1.0
+    model: nn.Module,
+    x: torch.Tensor,
+    class_index: int | None = None,
+    temperature: float = 1.0,
+    restrict: Callable[[torch.Tensor], torch.Tensor] = lambda logits: logits,
 ) -> Explanation:
-    """Grad-CAM for one normalised float image `x` (1, 3, H, W)."""
+    """Grad-CAM for one normalised float image `x` (1, 3, H, W); `restrict` limits the classes
+    that can be predicted (`Classifier.masked`), so the map explains what `predict` answers."""
     layer = target_layer(model)
     captured: dict[str, torch.Tensor] = {}
 
@@ -58,7 +63,7 @@ def grad_cam(
     try:
         model.eval()
         with torch.enable_grad():
-            logits = model(x.requires_grad_(True))
+            logits = restrict(model(x.requires_grad_(True)))
             predicted = int(logits.argmax(1))
             target = predicted if class_index is None else class_index
             model.zero_grad(set_to_none=True)
@@ -78,13 +83,13 @@ def explain_image(classifier: Classifier, image: np.ndarray, class_name: str | N
     """Grad-CAM for one uint8 HWC image already at the classifier's input size."""
     class_index = None
     if class_name is not None:
-        if class_name not in classifier.classes:
-            raise BloodcellError(f"unknown class {class_name!r}; choose one of {', '.join(classifier.classes)}")
+        if class_name not in classifier.answerable:
+            raise BloodcellError(f"unknown class {class_name!r}; choose one of {', '.join(classifier.answerable)}")
         class_index = classifier.classes.index(class_name)
     p = classifier.record.preprocessing
     pixels = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None]
     x = model_input(pixels, p.mean, p.std, p.colour_target)
-    return grad_cam(classifier.model, x, class_index, classifier.temperature)
+    return grad_cam(classifier.model, x, class_index, classifier.temperature, classifier.masked)
 
 
 def explain_file(

@@ -61,6 +61,9 @@ def options_with(options: PredictOptions | None, overrides: dict) -> PredictOpti
     return replace(options or PredictOptions(), **overrides)
 
 
+EXCLUDED_LOGIT = -1e4  # a class left out by `restricted_to`: probability exactly 0, log-probability finite
+
+
 @dataclass(frozen=True)
 class Classifier:
     """A network plus its run record (classes, preprocessing, temperature)."""
@@ -68,6 +71,7 @@ class Classifier:
     model: nn.Module
     record: RunRecord
     ood: OodModel | None = None  # scores how unlike the training images an input is
+    only: tuple[int, ...] | None = None  # the classes it may answer (`restricted_to`); None: all
 
     @classmethod
     def from_run(
@@ -101,9 +105,43 @@ class Classifier:
             raise BloodcellError(f"{run_dir}: {exc}") from None
         return cls(inference.compiled(model) if compile else model, record, ood)
 
+    def restricted_to(self, names: Iterable[str]) -> Classifier:
+        """The same classifier, answering only among the named classes (aliases as for folders).
+
+        For a lab whose images can hold only some classes, for example a white-cell differential
+        with no platelets or erythroblasts: the other classes get probability 0 and the named ones
+        share what the model gave, so every output (class, top-k, review) is among them.
+        """
+        from bloodcell.data import class_named
+
+        names = [n.strip() for n in names if n.strip()]
+        if not names:
+            raise BloodcellError("--classes: name at least one class to answer among")
+        resolved = [class_named(n) for n in names]
+        unknown = [repr(n) for n, c in zip(names, resolved) if c not in self.classes]
+        if unknown:
+            raise BloodcellError(
+                f"--classes: unknown class name(s) {', '.join(unknown)}; "
+                f"the run's classes are {', '.join(self.classes)}"
+            )
+        return replace(self, only=tuple(sorted({self.classes.index(c) for c in resolved})))
+
+    def masked(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` with the classes it may not answer pushed out of reach (see `restricted_to`)."""
+        if self.only is None:
+            return logits
+        excluded = torch.ones(logits.shape[1], dtype=torch.bool)
+        excluded[list(self.only)] = False
+        return logits.masked_fill(excluded, EXCLUDED_LOGIT)
+
     @property
     def classes(self) -> tuple[str, ...]:
         return self.record.classes
+
+    @property
+    def answerable(self) -> tuple[str, ...]:
+        """The classes it may answer: the run's, or those it was `restricted_to`."""
+        return self.classes if self.only is None else tuple(self.classes[k] for k in self.only)
 
     @property
     def image_size(self) -> int:
@@ -145,9 +183,10 @@ class Classifier:
     def logits(self, images: torch.Tensor | np.ndarray, tta: bool = False, batch_size: int = 1024) -> torch.Tensor:
         """Uncalibrated logits, (N, classes) float32."""
         if isinstance(self.model, inference.OnnxNetwork):
-            return self.model.logits(self.as_uint8_nchw(images), batch_size, tta)
+            return self.masked(self.model.logits(self.as_uint8_nchw(images), batch_size, tta))
         p = self.record.preprocessing
-        return inference.logits(self.model, self.as_uint8_nchw(images), p.mean, p.std, batch_size, tta, p.colour_target)
+        images = self.as_uint8_nchw(images)
+        return self.masked(inference.logits(self.model, images, p.mean, p.std, batch_size, tta, p.colour_target))
 
     def logits_and_ood(
         self, images: torch.Tensor | np.ndarray, tta: bool = False, batch_size: int = 1024
@@ -163,7 +202,7 @@ class Classifier:
             logits, features = inference.logits(
                 self.model, images, p.mean, p.std, batch_size, tta, p.colour_target, features=True
             )
-        return logits, self.ood.score(features)
+        return self.masked(logits), self.ood.score(features)
 
     def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
         """softmax(logits / temperature): the probabilities every output reports."""

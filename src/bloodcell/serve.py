@@ -115,6 +115,7 @@ def create_app(
             "version": __version__,
             "model": classifier.record.arch,
             "classes": list(classifier.classes),
+            "answerable": list(classifier.answerable),
             "image_size": classifier.image_size,
             "crop": options.crop or classifier.record.preprocessing.crop,
             "min_confidence": options.min_confidence,
