@@ -1,13 +1,14 @@
 """Where a training step's time goes on this CPU, and what changes it (not part of the test suite).
 
-    python benchmarks/bench_step.py --data-dir ../shared/data [--preset default] [--steps 30]
+    python benchmarks/bench_step.py --data-dir ../shared/data [--preset default] [--steps 30] [--profile]
 
 Times one training step of the preset (augmentation, forward, backward, optimiser) on real
 training batches, side by side in one process, median of `--steps` steps after 5 warm-up steps:
 the preset as it trains, then one change at a time: NCHW instead of channels_last, batch 128 and
 512 (per image), 1 thread, torch.compile, and the augmentation alone. Prints the CPU model and
 the instruction set PyTorch uses; run it again with ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 CPU to
-see what CPUs without AVX-512 get.
+see what CPUs without AVX-512 get. `--profile` adds the share of CPU time per part of the step
+(convolutions forward and backward, batch norm, activations, pooling, the rest), from torch.profiler.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ except ImportError:  # run from another folder
     from benchmarks.bench_train import cpu_description
 
 
-def time_steps(config, train, steps: int, compile_model: bool = False, augment_only: bool = False) -> float:
-    """Median seconds per step for `config` on batches drawn from `train`."""
+def training_step(config, train, compile_model: bool = False, augment_only: bool = False):
+    """One training step of `config` on a batch drawn from `train`, as a function to call repeatedly."""
     torch.manual_seed(0)
     model = build_model(config, train.images.shape[-1]).train()
     if config.channels_last:
@@ -40,21 +41,63 @@ def time_steps(config, train, steps: int, compile_model: bool = False, augment_o
     optimizer = make_optimizer(model, config)
     mean, std, target = normalization(config, train)
     generator = torch.Generator().manual_seed(0)
-    timings = []
-    for step in range(steps + 5):
+
+    def step() -> None:
         index = torch.randint(len(train), (config.batch_size,), generator=generator)
-        start = time.perf_counter()
         x = augment_batch(train.images[index], mean, std, config.augment, generator, target)
-        if not augment_only:
-            if config.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(forward(x), train.labels[index], label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        if step >= 5:
+        if augment_only:
+            return
+        if config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss = F.cross_entropy(forward(x), train.labels[index], label_smoothing=config.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def time_steps(config, train, steps: int, compile_model: bool = False, augment_only: bool = False) -> float:
+    """Median seconds per step for `config` on batches drawn from `train`."""
+    step = training_step(config, train, compile_model, augment_only)
+    timings = []
+    for i in range(steps + 5):
+        start = time.perf_counter()
+        step()
+        if i >= 5:
             timings.append(time.perf_counter() - start)
     return statistics.median(timings)
+
+
+# operator name -> the part of the step it belongs to (first match wins)
+OPERATOR_GROUPS = {
+    "convolution_backward": "convolutions, backward",
+    "convolution": "convolutions, forward",
+    "batch_norm": "batch norm, forward and backward",
+    "gelu": "GELU, forward and backward",
+    "max_pool": "max pooling, forward and backward",
+    "fill_": "zero-filling buffers",
+}
+
+
+def profile_steps(config, train, steps: int) -> dict[str, float]:
+    """Share of the step's CPU time per part (torch.profiler, self time of each operator)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = training_step(config, train)
+    for _ in range(5):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(steps):
+            step()
+    shares: dict[str, float] = {}
+    events = [e for e in profiler.key_averages() if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in events)
+    for event in events:
+        name = event.key.removeprefix("aten::")
+        group = next((g for k, g in OPERATOR_GROUPS.items() if k in name), "everything else")
+        shares[group] = shares.get(group, 0.0) + event.self_cpu_time_total / total
+    return dict(sorted(shares.items(), key=lambda item: -item[1]))
 
 
 def main() -> None:
@@ -63,6 +106,7 @@ def main() -> None:
     parser.add_argument("--preset", default="default", choices=list(PRESETS))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="also print where the step's time goes, per operator")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = PRESETS[args.preset]
@@ -90,6 +134,10 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, seconds in results.items():
         print(f"| {name} | {seconds:.3f} | {seconds / base:.2f}x | {seconds * steps_per_run / 60:.1f} min |")
+    if args.profile:
+        print(f"\n| part of a step (as trained, {args.steps} steps profiled) | share of CPU time |\n|---|---|")
+        for group, share in profile_steps(config, train, args.steps).items():
+            print(f"| {group} | {share:.0%} |")
 
 
 if __name__ == "__main__":
