@@ -192,6 +192,7 @@ def test_report_for_a_study_folder(real_data_dir, tmp_path):
     assert 'id="comparison"' in page and "0.914" in page and "seed-cnn (published)" in page
 
 
+@pytest.mark.slow  # 5 s of corruptions at 224 px: kept out of the one-minute fast lane
 def test_robustness_command_and_its_report_section(synthetic_run, synthetic_file, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(synthetic_run, run)
