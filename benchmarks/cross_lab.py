@@ -83,6 +83,11 @@ def ensemble_scores(classifiers: list, folders: list[Path]) -> dict:
     return score_records(records, labels, classifiers[0].classes, counts)
 
 
+def answering_among(classifier, classes: list[str]):
+    """The classifier that scores `ood_dev`: restricted to `classes` (`--classes`) when any are named."""
+    return classifier.restricted_to(classes) if classes else classifier
+
+
 def score_run(
     classifier, dataset: data.Dataset, ood: list[Path], pbc_val: str | None, show_test: bool, classes: list[str]
 ) -> dict:
@@ -93,7 +98,7 @@ def score_run(
     row = {"val": round(val[0], 4), "val_tta": round(val[1], 4)}
     if show_test:  # computed once by train_run at the end of training; shown only for final recipes
         row["test_tta"] = round(classifier.record.metrics["test_tta"]["accuracy"], 4)
-    scores = folder_scores(classifier.restricted_to(classes) if classes else classifier, ood, PredictOptions())
+    scores = folder_scores(answering_among(classifier, classes), ood, PredictOptions())
     row |= {
         "ood_acc": round(scores["accuracy"], 4),
         "ood_macro_recall": round(scores["macro_recall"], 4),
@@ -145,7 +150,7 @@ def main() -> None:
                     if isinstance(value, float):
                         values = [r[key] for r in rows]
                         summary[key] = mean_std(values)
-                ensemble = ensemble_scores([c.restricted_to(classes) if classes else c for c in classifiers], ood)
+                ensemble = ensemble_scores([answering_among(c, classes) for c in classifiers], ood)
                 summary["ensemble_ood_acc"] = round(ensemble["accuracy"], 4)
                 summary["ensemble_ood_macro_recall"] = round(ensemble["macro_recall"], 4)
                 summary["ensemble_ood_selective"] = round(ensemble["selective_accuracy"], 4)

@@ -40,19 +40,19 @@ def main() -> None:
     )
     images = preprocess.to_tensor([classifier.prepare(f)[0] for f in files])
     p = classifier.record.preprocessing
-    logits, features = inference.logits(
+    _, features = inference.logits(
         classifier.model, images, p.mean, p.std, colour_target=p.colour_target, features=True
     )
     x = (features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)).numpy()
     y = np.array(labels)
-    present = sorted(set(labels))
-    zero_shot = np.array(present)[logits[:, present].argmax(1).numpy()]
-    print(f"{len(y)} images, classes {', '.join(classifier.classes[k] for k in present)}")
+    present = [classifier.classes[k] for k in sorted(set(labels))]
+    zero_shot = classifier.restricted_to(present).predict_proba(images).argmax(1).numpy()
+    print(f"{len(y)} images, classes {', '.join(present)}")
     print(f"zero-shot, answers among the classes present: {np.mean(zero_shot == y):.3f}")
     folds = StratifiedKFold(args.folds, shuffle=True, random_state=0)
     predicted = cross_val_predict(LogisticRegression(max_iter=5000), x, y, cv=folds)
     print(f"probe on all images, {args.folds}-fold cross-validation: {np.mean(predicted == y):.3f}")
-    by_class = {k: np.flatnonzero(y == k) for k in present}
+    by_class = {k: np.flatnonzero(y == k) for k in sorted(set(labels))}
     for shots in args.shots:
         accuracies = []
         for draw in range(args.draws):
