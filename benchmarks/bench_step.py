@@ -5,10 +5,14 @@
 Times one training step of the preset (augmentation, forward, backward, optimiser) on real
 training batches, side by side in one process, median of `--steps` steps after 5 warm-up steps:
 the preset as it trains, then one change at a time: NCHW instead of channels_last, batch 128 and
-512 (per image), 1 thread, torch.compile, and the augmentation alone. Prints the CPU model and
+512 (per image), 1 thread, torch.compile, ReLU instead of GELU (where the model has a `-relu`
+twin), and the augmentation alone. Prints the CPU model and
 the instruction set PyTorch uses; run it again with ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 CPU to
 see what CPUs without AVX-512 get. `--profile` adds the share of CPU time per part of the step
-(convolutions forward and backward, batch norm, activations, pooling, the rest), from torch.profiler.
+(convolutions forward and backward, batch norm, activations, pooling, the rest), from torch.profiler,
+and the rate the convolutions reach in GFLOP/s (their floating-point operations per step, counted
+by torch.utils.flop_counter, over their profiled time): when that is close to what the CPU's
+vector units can do, only a recipe with less arithmetic trains faster.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from bloodcell import data
+from bloodcell import data, models
 from bloodcell.augment import augment_batch
 from bloodcell.train import PRESETS, build_model, make_optimizer, normalization
 
@@ -80,6 +84,31 @@ OPERATOR_GROUPS = {
 }
 
 
+def convolution_flops(config, train) -> float:
+    """Floating-point operations of one step's convolutions, forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(config, train.images.shape[-1]).train()
+    x = torch.zeros(config.batch_size, 3, *train.images.shape[-2:])
+    if config.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), train.labels[: config.batch_size]).backward()
+    counts = counter.get_flop_counts()["Global"]
+    return float(sum(n for op, n in counts.items() if "convolution" in str(op)))
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
+    """GFLOP/s of a large float32 matrix product: about the most this CPU's vector units give PyTorch."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    timings = []
+    for _ in range(repeats + 2):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        timings.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(timings[2:]) / 1e9
+
+
 def profile_steps(config, train, steps: int) -> dict[str, float]:
     """Share of the step's CPU time per part (torch.profiler, self time of each operator)."""
     from torch.profiler import ProfilerActivity, profile
@@ -119,8 +148,11 @@ def main() -> None:
         "batch 128": lambda: 2 * time_steps(replace(config, batch_size=128), train, args.steps),
         "batch 512": lambda: time_steps(replace(config, batch_size=512), train, args.steps) / 2,
         "torch.compile": lambda: time_steps(config, train, args.steps, compile_model=True),
-        "augmentation alone": lambda: time_steps(config, train, args.steps, augment_only=True),
     }
+    if f"{config.model}-relu" in models.names():  # the same network with the cheaper activation
+        relu = replace(config, model=f"{config.model}-relu")
+        variants["ReLU instead of GELU"] = lambda: time_steps(relu, train, args.steps)
+    variants["augmentation alone"] = lambda: time_steps(config, train, args.steps, augment_only=True)
     results = {}
     for name, run in variants.items():
         results[name] = run()
@@ -136,8 +168,16 @@ def main() -> None:
         print(f"| {name} | {seconds:.3f} | {seconds / base:.2f}x | {seconds * steps_per_run / 60:.1f} min |")
     if args.profile:
         print(f"\n| part of a step (as trained, {args.steps} steps profiled) | share of CPU time |\n|---|---|")
-        for group, share in profile_steps(config, train, args.steps).items():
+        shares = profile_steps(config, train, args.steps)
+        for group, share in shares.items():
             print(f"| {group} | {share:.0%} |")
+        flops = convolution_flops(config, train)
+        convolution_seconds = base * (shares.get("convolutions, forward", 0) + shares.get("convolutions, backward", 0))
+        print(
+            f"\nConvolutions: {flops / 1e9:.1f} GFLOP per step (forward and backward) in about "
+            f"{convolution_seconds:.3f} s of the {base:.3f} s step: {flops / 1e9 / convolution_seconds:.0f} GFLOP/s "
+            f"on {args.threads} threads; a 2048x2048 matrix product reaches {matmul_gflops():.0f} GFLOP/s"
+        )
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ VARIANTS: dict[str, TrainConfig] = {
     "default-cell-lab-photo": replace(DEFAULT, colour="lab", augment=replace(PHOTO, sharpness=1.0)),
     "fast-cell-lab-photo-zoom": replace(FAST, colour="lab", augment=replace(PHOTO, scale=0.35)),
     "fast-cell-lab-photo-randconv": replace(FAST, colour="lab", augment=replace(PHOTO, randconv=0.5)),
+    "fast-cell-lab-photo-mixstyle": replace(FAST, colour="lab", augment=PHOTO, mixstyle=0.5),  # Zhou et al.'s p
     # the crosslab recipe on 64 px images (`build-data`'s file); blur and translation in the same cell units
     "crosslab-64": replace(
         PRESETS["crosslab"], model="res-small-64", image_size=64, augment=replace(PHOTO, translate=4, blur=1.8)

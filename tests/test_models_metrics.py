@@ -41,6 +41,8 @@ def test_unknown_model_is_a_clear_error():
         ({"stem": 0}, "outside"),
         ({"image_size": 4}, "outside"),
         ({"colour": "blue"}, "bad arguments"),
+        ({"act": "swish"}, "unknown activation"),
+        ({"act": ["relu"]}, "bad arguments"),
     ],
 )
 def test_architecture_arguments_are_bounded(args, message):
@@ -52,6 +54,14 @@ def test_resolved_args_rebuild_the_same_network():
     args = models.resolved_args("res-small")
     a, b = models.create("res-small"), models.create("res-small", **args)
     assert models.parameter_count(a) == models.parameter_count(b) == 490_240
+
+
+def test_the_relu_variant_is_the_same_network_with_a_cheaper_activation():
+    gelu, relu = models.create("res-small"), models.create("res-small-relu")
+    assert models.parameter_count(gelu) == models.parameter_count(relu)
+    assert {type(m) for m in gelu.modules()} - {type(m) for m in relu.modules()} == {torch.nn.GELU}
+    assert {type(m) for m in relu.modules()} - {type(m) for m in gelu.modules()} == {torch.nn.ReLU}
+    assert models.resolved_args("res-small-relu")["act"] == "relu"
 
 
 def test_metrics_against_hand_computed_case():

@@ -10,10 +10,19 @@ import pytest
 import torch
 
 import bloodcell
-from bloodcell import checkpoint, data, files, runs
+from bloodcell import checkpoint, data, files, models, runs
 from bloodcell.errors import BloodcellError
 from bloodcell.pipeline import train_run
-from bloodcell.train import PRESETS, TrainConfig, build_model, fit, mixup_batch, with_overrides
+from bloodcell.train import (
+    PRESETS,
+    TrainConfig,
+    build_model,
+    fit,
+    mix_feature_styles,
+    mixup_batch,
+    style_mixing,
+    with_overrides,
+)
 from tests.cli import call_cli, run_cli
 
 TINY = with_overrides(PRESETS["fast"], epochs=2, batch_size=32)
@@ -41,7 +50,7 @@ def test_early_stopping_keeps_the_best_epoch(synthetic):
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(synthetic, tmp_path):
-    config = with_overrides(TINY, ema_decay=0.9, mixup=0.2)  # every RNG consumer on
+    config = with_overrides(TINY, ema_decay=0.9, mixup=0.2, mixstyle=0.5)  # every RNG consumer on
     train_run(synthetic, tmp_path / "straight", config, progress=False)
     assert train_run(synthetic, tmp_path / "cut", config, progress=False, stop_after_epochs=1) is None
     assert (tmp_path / "cut" / "checkpoint" / "state.json").is_file() and not runs.is_run_dir(tmp_path / "cut")
@@ -125,6 +134,37 @@ def test_mixup_blends_each_image_with_one_partner():
     mixed, partner, weight = mixup_batch(images, 0.4, generator)
     assert 0 < weight < 1 and sorted(partner.tolist()) == [0, 1, 2, 3]
     assert torch.allclose(mixed, weight * images + (1 - weight) * images[partner])
+
+
+def test_mixstyle_blends_each_images_channel_statistics_with_a_partners():
+    x = torch.randn(6, 4, 5, 5) * torch.arange(1.0, 7.0).view(6, 1, 1, 1) + torch.arange(6.0).view(6, 1, 1, 1)
+    torch.manual_seed(0)
+    mixed = mix_feature_styles(x)
+    assert mixed.shape == x.shape and not torch.allclose(mixed, x)
+    means, new_means = x.mean(dim=(2, 3)), mixed.mean(dim=(2, 3))
+    assert torch.all(new_means >= means.min(0).values - 1e-4) and torch.all(new_means <= means.max(0).values + 1e-4)
+    # each image keeps its own standardised pattern: only the channel statistics moved
+    assert torch.allclose(_standardised(mixed), _standardised(x), atol=1e-3)
+
+
+def _standardised(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean(dim=(2, 3), keepdim=True)) / x.std(dim=(2, 3), keepdim=True)
+
+
+def test_mixstyle_acts_only_while_training_and_leaves_the_model_as_it_was():
+    model, x = models.create("res-small").train(), torch.randn(8, 3, 28, 28)
+    plain = model(x)
+    with style_mixing(model, 1.0):
+        mixed = model(x)
+        model.eval()
+        evaluated = model(x)
+    assert not torch.allclose(mixed, plain)
+    assert torch.equal(evaluated, model(x)) and torch.allclose(model.train()(x), plain)
+    not_residual = models.create("seed-cnn")
+    with pytest.raises(BloodcellError, match="mixstyle needs a residual model"), style_mixing(not_residual, 0.5):
+        pass
+    with pytest.raises(BloodcellError, match="mixstyle must be in"):
+        TrainConfig(mixstyle=1.5)
 
 
 def test_train_cli_on_synthetic_data_at_64_px(tmp_path):

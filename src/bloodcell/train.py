@@ -7,6 +7,7 @@ checkpoint if resuming, run the epochs (train, validate, save), hand back the mo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -60,6 +61,9 @@ class TrainConfig:
     # 0.1 cost val AUC: it flattens the runner-up logits that rank ambiguous cells
     label_smoothing: float = knob(0.0, "label smoothing of the cross-entropy")
     mixup: float = knob(0.0, "mixup Beta(a, a) parameter; 0 disables")
+    mixstyle: float = knob(
+        0.0, "probability of mixing feature statistics between images after the early residual stages (MixStyle)"
+    )
     distill: float = knob(0.0, "weight of a teacher run's soft predictions in the loss (train --teacher)")
     distill_temperature: float = knob(2.0, "softmax temperature of the distillation targets")
     augment: AugmentConfig = AugmentConfig(sharpness=1.0)
@@ -93,6 +97,7 @@ class TrainConfig:
             ),
             (_number(self.label_smoothing) and 0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
             (_number(self.mixup) and self.mixup >= 0, f"mixup must be >= 0, got {self.mixup!r}"),
+            (_number(self.mixstyle) and 0 <= self.mixstyle <= 1, f"mixstyle must be in [0, 1], got {self.mixstyle!r}"),
             (_number(self.distill) and 0 <= self.distill <= 1, f"distill must be in [0, 1], got {self.distill!r}"),
             (_number(self.distill_temperature) and self.distill_temperature > 0, "distill temperature must be > 0"),
             (_number(self.ema_decay) and 0 <= self.ema_decay < 1, "EMA decay must be in [0, 1)"),
@@ -242,6 +247,48 @@ def mixup_batch(
     return weight * x + (1 - weight) * x[partner], partner, weight
 
 
+MIXSTYLE_ALPHA = 0.1  # Beta(0.1, 0.1) mixing weights, as in Zhou et al.
+
+
+def mix_feature_styles(x: torch.Tensor) -> torch.Tensor:
+    """MixStyle (Zhou et al., ICLR 2021): give each image's feature maps the channel means and
+    standard deviations of a blend of itself and a random partner in the batch. Early-layer
+    statistics carry much of an image's "style" (stain, camera, exposure), so the network learns
+    to classify under styles that no single lab shows. Randomness comes from torch's global RNG,
+    which checkpoints save, so resumed training stays exact."""
+    mean = x.mean(dim=(2, 3), keepdim=True).detach()
+    std = (x.var(dim=(2, 3), keepdim=True) + 1e-6).sqrt().detach()
+    weight = torch.distributions.Beta(MIXSTYLE_ALPHA, MIXSTYLE_ALPHA).sample((len(x), 1, 1, 1)).to(x)
+    partner = torch.randperm(len(x), device=x.device)
+    mixed_mean = weight * mean + (1 - weight) * mean[partner]
+    mixed_std = weight * std + (1 - weight) * std[partner]
+    return (x - mean) / std * mixed_std + mixed_mean
+
+
+@contextlib.contextmanager
+def style_mixing(model: nn.Module, probability: float):
+    """While training inside this block, each batch leaving the residual stages before the last
+    gets `mix_feature_styles` with this probability; the model is untouched afterwards."""
+    if not probability:
+        yield
+        return
+    blocks = [m for m in model.modules() if isinstance(m, models.ResidualBlock)][:-1]
+    if not blocks:
+        raise BloodcellError(f"mixstyle needs a residual model with at least two stages, not {type(model).__name__}")
+
+    def hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor | None:
+        if module.training and torch.rand(()) < probability:
+            return mix_feature_styles(output)
+        return None
+
+    handles = [block.register_forward_hook(hook) for block in blocks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton et al.'s soft-target loss: KL(teacher || student) at `temperature`, scaled by T^2."""
     targets = F.softmax(teacher / temperature, dim=1)
@@ -325,54 +372,55 @@ def fit(
     )
     started = time.perf_counter()
     stopped_early = False
-    for epoch in range(start_epoch, last_epoch):
-        epoch_start = time.perf_counter()
-        row = {"epoch": epoch + 1}
-        row |= train_epoch(
-            model,
-            forward,
-            train,
-            config,
-            (mean, std, colour_target),
-            optimizer,
-            scheduler,
-            ema,
-            generator,
-            bar,
-            epoch,
-            teacher_logits,
-        )
-        if val is not None:
-            row["val_loss"], row["val_acc"] = evaluate_loss_accuracy(eval_model, val, mean, std, colour_target)
-            bar.set_postfix_str(f"epoch {epoch + 1}/{config.epochs} val_acc {row['val_acc']:.4f}")
-            if config.patience is not None:
-                if row["val_loss"] < best["val_loss"]:
-                    best = {"epoch": epoch + 1, "val_loss": row["val_loss"], "bad_epochs": 0}
-                    best_weights = copy.deepcopy(eval_model.state_dict())
-                else:
-                    best["bad_epochs"] += 1
-                    stopped_early = best["bad_epochs"] >= config.patience
-        row["seconds"] = time.perf_counter() - epoch_start
-        history.append(row)
-        if checkpoint_dir is not None and distributed.is_main():
-            checkpoint.save(
-                checkpoint_dir,
-                TrainingState(
-                    epoch=epoch + 1,
-                    config=config.to_dict(),
-                    model=model.state_dict(),
-                    optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(),
-                    generator=generator.get_state(),
-                    torch_rng=torch.get_rng_state(),
-                    history=history,
-                    best=best,
-                    ema=ema.state_dict() if ema is not None else None,
-                    best_weights=best_weights,
-                ),
+    with style_mixing(model, config.mixstyle):  # a no-op unless the recipe asks for MixStyle
+        for epoch in range(start_epoch, last_epoch):
+            epoch_start = time.perf_counter()
+            row = {"epoch": epoch + 1}
+            row |= train_epoch(
+                model,
+                forward,
+                train,
+                config,
+                (mean, std, colour_target),
+                optimizer,
+                scheduler,
+                ema,
+                generator,
+                bar,
+                epoch,
+                teacher_logits,
             )
-        if stopped_early:
-            break
+            if val is not None:
+                row["val_loss"], row["val_acc"] = evaluate_loss_accuracy(eval_model, val, mean, std, colour_target)
+                bar.set_postfix_str(f"epoch {epoch + 1}/{config.epochs} val_acc {row['val_acc']:.4f}")
+                if config.patience is not None:
+                    if row["val_loss"] < best["val_loss"]:
+                        best = {"epoch": epoch + 1, "val_loss": row["val_loss"], "bad_epochs": 0}
+                        best_weights = copy.deepcopy(eval_model.state_dict())
+                    else:
+                        best["bad_epochs"] += 1
+                        stopped_early = best["bad_epochs"] >= config.patience
+            row["seconds"] = time.perf_counter() - epoch_start
+            history.append(row)
+            if checkpoint_dir is not None and distributed.is_main():
+                checkpoint.save(
+                    checkpoint_dir,
+                    TrainingState(
+                        epoch=epoch + 1,
+                        config=config.to_dict(),
+                        model=model.state_dict(),
+                        optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(),
+                        generator=generator.get_state(),
+                        torch_rng=torch.get_rng_state(),
+                        history=history,
+                        best=best,
+                        ema=ema.state_dict() if ema is not None else None,
+                        best_weights=best_weights,
+                    ),
+                )
+            if stopped_early:
+                break
     bar.close()
 
     if config.patience is not None and best_weights is not None:
