@@ -32,6 +32,7 @@ VARIANTS: dict[str, TrainConfig] = {
     "small-45-sharp1-ls0": replace(SMALL, epochs=45, label_smoothing=0.0),
     "small-30-sharp1-ls0": replace(SMALL, epochs=30, label_smoothing=0.0),
     "small-relu-30-sharp1-ls0": replace(SMALL, model="res-small-relu", epochs=30, label_smoothing=0.0),
+    "small-relu-45-sharp1-ls0": replace(SMALL, model="res-small-relu", epochs=45, label_smoothing=0.0),
     "medium-16-bs128": replace(MEDIUM, epochs=16, batch_size=128, lr=4e-3, augment=PLAIN),
     "medium-16": replace(MEDIUM, epochs=16, augment=PLAIN),
     "medium-16-sharp1": replace(MEDIUM, epochs=16),
