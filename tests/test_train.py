@@ -18,6 +18,8 @@ from bloodcell.train import (
     TrainConfig,
     build_model,
     fit,
+    make_optimizer,
+    make_scheduler,
     mix_feature_styles,
     mixup_batch,
     style_mixing,
@@ -165,6 +167,28 @@ def test_mixstyle_acts_only_while_training_and_leaves_the_model_as_it_was():
         pass
     with pytest.raises(BloodcellError, match="mixstyle must be in"):
         TrainConfig(mixstyle=1.5)
+
+
+@pytest.mark.parametrize("total_steps", range(1, 13))
+def test_every_run_length_gets_a_schedule_it_can_step_through(total_steps):
+    model = torch.nn.Linear(2, 2)
+    optimizer = make_optimizer(model, PRESETS["default"])
+    scheduler = make_scheduler(optimizer, PRESETS["default"], total_steps)  # 4 steps used to divide by zero
+    for _ in range(total_steps):
+        optimizer.step()
+        scheduler.step()
+    is_onecycle = isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
+    assert is_onecycle == (total_steps >= 8)
+
+
+def test_a_relu_run_trained_with_mixstyle_reloads_as_the_network_it_trained(synthetic, tmp_path):
+    config = with_overrides(TINY, model="res-small-relu", mixstyle=0.5, epochs=1)
+    train_run(synthetic, tmp_path / "relu", config, progress=False)
+    record = runs.read_record(tmp_path / "relu")
+    assert record.arch == "res-small-relu" and record.arch_args["act"] == "relu"
+    assert record.train_config["mixstyle"] == 0.5
+    layers = {type(m) for m in bloodcell.load(tmp_path / "relu").model.modules()}
+    assert torch.nn.ReLU in layers and torch.nn.GELU not in layers
 
 
 def test_train_cli_on_synthetic_data_at_64_px(tmp_path):

@@ -216,12 +216,17 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     raise BloodcellError(f"unknown optimizer {config.optimizer!r}; use adamw or adam")
 
 
+# Fewer steps leave no room for a warm-up and an annealing phase (torch's OneCycleLR even divides by
+# zero at exactly 4), so such smoke-test-sized runs train at a constant learning rate instead.
+MIN_ONECYCLE_STEPS = 8
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
-    if config.schedule == "onecycle":
+    if config.schedule == "onecycle" and total_steps >= MIN_ONECYCLE_STEPS:
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=0.25, div_factor=10, final_div_factor=100
         )
-    if config.schedule == "constant":
+    if config.schedule in ("constant", "onecycle"):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     raise BloodcellError(f"unknown schedule {config.schedule!r}; use onecycle or constant")
 
