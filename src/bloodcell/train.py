@@ -216,15 +216,20 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     raise BloodcellError(f"unknown optimizer {config.optimizer!r}; use adamw or adam")
 
 
-# Fewer steps leave no room for a warm-up and an annealing phase (torch's OneCycleLR even divides by
-# zero at exactly 4), so such smoke-test-sized runs train at a constant learning rate instead.
-MIN_ONECYCLE_STEPS = 8
+WARMUP_FRACTION = 0.25  # of the one-cycle schedule's steps
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
-    if config.schedule == "onecycle" and total_steps >= MIN_ONECYCLE_STEPS:
+    # torch's OneCycleLR ends its warm-up at step fraction * steps - 1 and divides by zero when that
+    # is 0 (a run of exactly 4 steps); such a run trains at a constant rate instead
+    if config.schedule == "onecycle" and WARMUP_FRACTION * total_steps - 1 != 0:
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=0.25, div_factor=10, final_div_factor=100
+            optimizer,
+            max_lr=config.lr,
+            total_steps=total_steps,
+            pct_start=WARMUP_FRACTION,
+            div_factor=10,
+            final_div_factor=100,
         )
     if config.schedule in ("constant", "onecycle"):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
