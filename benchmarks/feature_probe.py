@@ -21,7 +21,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 import bloodcell
-from bloodcell import data, inference, preprocess
+from bloodcell import data, preprocess
 from bloodcell.evaluate import labelled_folders
 
 
@@ -39,10 +39,7 @@ def main() -> None:
         [root / "ood_dev" / "bccd_crops", root / "ood_dev" / "bccd_fields"], classifier.classes
     )
     images = preprocess.to_tensor([classifier.prepare(f)[0] for f in files])
-    p = classifier.record.preprocessing
-    _, features = inference.logits(
-        classifier.model, images, p.mean, p.std, colour_target=p.colour_target, features=True
-    )
+    _, features = classifier.logits_and_features(images)
     x = (features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)).numpy()
     y = np.array(labels)
     present = [classifier.classes[k] for k in sorted(set(labels))]

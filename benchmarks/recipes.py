@@ -1,9 +1,11 @@
 """Recipe exploration, scored on the validation split only (the test split is never read here).
 
-    python benchmarks/recipes.py --data-dir ../shared/data VARIANT [VARIANT ...]
+    python benchmarks/recipes.py --data-dir ../shared/data VARIANT [VARIANT ...] [--seeds 42 0 1]
 
 Prints one JSON line per variant: training seconds, val accuracy without and with 8-view TTA,
 macro AUC with TTA, and the val accuracy after every epoch. The variants are the rows of the README's table.
+With several seeds, each seed trains every variant before the next seed starts, so a comparison
+interrupted halfway still has matched pairs.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ VARIANTS: dict[str, TrainConfig] = {
     "small-30-sharp1-ls0": replace(SMALL, epochs=30, label_smoothing=0.0),
     "small-relu-30-sharp1-ls0": replace(SMALL, model="res-small-relu", epochs=30, label_smoothing=0.0),
     "small-relu-45-sharp1-ls0": replace(SMALL, model="res-small-relu", epochs=45, label_smoothing=0.0),
+    "tiny-45-sharp1-ls0": replace(SMALL, model="res-tiny", epochs=45, label_smoothing=0.0),
     "medium-16-bs128": replace(MEDIUM, epochs=16, batch_size=128, lr=4e-3, augment=PLAIN),
     "medium-16": replace(MEDIUM, epochs=16, augment=PLAIN),
     "medium-16-sharp1": replace(MEDIUM, epochs=16),
@@ -50,11 +53,12 @@ VARIANTS: dict[str, TrainConfig] = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="seeds to train each variant with")
     parser.add_argument("variants", nargs="+", choices=list(VARIANTS))
     args = parser.parse_args()
     dataset = data.load(args.data_dir)
-    for name in args.variants:
-        config = VARIANTS[name]
+    for seed, name in ((seed, name) for seed in args.seeds for name in args.variants):
+        config = replace(VARIANTS[name], seed=seed)
         start = time.perf_counter()
         result = fit(build_model(config, 28), dataset.train, dataset.val, config, progress=False)
         seconds = time.perf_counter() - start
@@ -70,6 +74,7 @@ def main() -> None:
             json.dumps(
                 {
                     "variant": name,
+                    "seed": seed,
                     "seconds": round(seconds, 1),
                     "val": round(scores[False], 4),
                     "val_tta": round(scores[True], 4),

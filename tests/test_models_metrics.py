@@ -64,6 +64,14 @@ def test_the_relu_variant_is_the_same_network_with_a_cheaper_activation():
     assert models.resolved_args("res-small-relu")["act"] == "relu"
 
 
+def test_the_tiny_variant_is_res_small_at_three_quarters_of_the_width():
+    tiny, small = models.create("res-tiny"), models.create("res-small")
+    assert models.resolved_args("res-tiny") == {"widths": (24, 48, 96), "blocks": 1, "stem": 16}
+    assert models.parameter_count(tiny) == 276_040 < models.parameter_count(small)
+    assert [type(m) for m in tiny.modules()] == [type(m) for m in small.modules()]
+    assert tiny(torch.zeros(2, 3, 28, 28)).shape == (2, 8)
+
+
 def test_metrics_against_hand_computed_case():
     labels = np.array([0, 0, 1, 1, 2, 2, 2, 2])
     preds = np.array([0, 1, 1, 1, 2, 2, 0, 2])

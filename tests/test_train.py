@@ -22,6 +22,7 @@ from bloodcell.train import (
     make_scheduler,
     mix_feature_styles,
     mixup_batch,
+    stage_ends,
     style_mixing,
     with_overrides,
 )
@@ -167,6 +168,15 @@ def test_mixstyle_acts_only_while_training_and_leaves_the_model_as_it_was():
         pass
     with pytest.raises(BloodcellError, match="mixstyle must be in"):
         TrainConfig(mixstyle=1.5)
+
+
+def test_mixstyle_hooks_the_output_of_every_stage_but_the_last():
+    large = models.create("res-large")  # two residual blocks per stage, three stages
+    blocks = [m for m in large.modules() if isinstance(m, models.ResidualBlock)]
+    assert stage_ends(large) == [blocks[1], blocks[3], blocks[5]]
+    with style_mixing(large, 0.5):
+        hooked = [block for block in blocks if block._forward_hooks]
+    assert hooked == [blocks[1], blocks[3]] and not any(block._forward_hooks for block in blocks)
 
 
 @pytest.mark.parametrize("total_steps", range(1, 13))

@@ -171,13 +171,7 @@ def _concat(a: Split, b: Split) -> Split:
 
 
 def _refit_ood(classifier: Classifier, train: Split, calibration: Split) -> ood.OodModel:
-    from bloodcell import inference
-
-    p = classifier.record.preprocessing
-
-    def features(images):
-        return inference.logits(classifier.model, images, p.mean, p.std, colour_target=p.colour_target, features=True)[
-            1
-        ]
+    def features(images: torch.Tensor) -> torch.Tensor:
+        return classifier.logits_and_features(images)[1]
 
     return ood.fit(features(train.images), train.labels, features(calibration.images))

@@ -4,7 +4,8 @@
 - `seed-cnn`: the study's small CNN, layer for layer.
 - `res-small`, `res-medium`, `res-large`: bloodcell's residual family (global pooling, so any
   input size from 28 px up works); `res-small-64` and `res-small-128` downsample in the stem;
-  `res-small-relu` is res-small with ReLU in place of GELU (10% cheaper steps on AVX2 CPUs).
+  `res-small-relu` is res-small with ReLU in place of GELU (10% cheaper steps on AVX2 CPUs);
+  `res-tiny` is res-small at three quarters of the width (about 40% cheaper steps).
 """
 
 from __future__ import annotations
@@ -185,6 +186,7 @@ class ResNet(nn.Module):
 RES_SIZES = {
     "res-small": {"widths": (32, 64, 128), "blocks": 1, "stem": 24},
     "res-small-relu": {"widths": (32, 64, 128), "blocks": 1, "stem": 24, "act": "relu"},
+    "res-tiny": {"widths": (24, 48, 96), "blocks": 1, "stem": 16},  # 55% of res-small's arithmetic
     "res-small-64": {"widths": (32, 64, 128), "blocks": 1, "stem": 24, "stem_pool": 2},  # 64 px -> 32 px stages
     "res-small-128": {"widths": (32, 64, 128), "blocks": 1, "stem": 24, "stem_stride": 2, "stem_pool": 2},
     "res-medium": {"widths": (48, 96, 192), "blocks": 1, "stem": 32},

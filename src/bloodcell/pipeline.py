@@ -6,6 +6,8 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from bloodcell import distributed, inference, metrics, models, plots, runs
 from bloodcell.calibrate import fit_temperature
 from bloodcell.data import CLASSES, Dataset
@@ -115,14 +117,10 @@ def train_run(
 def fit_ood(classifier: Classifier, dataset: Dataset) -> OodModel:
     """The out-of-distribution model: training features' class centres and covariance, the
     threshold from the validation split."""
-    from bloodcell import inference, ood
+    from bloodcell import ood
 
-    p = classifier.record.preprocessing
-
-    def features(images):
-        return inference.logits(classifier.model, images, p.mean, p.std, colour_target=p.colour_target, features=True)[
-            1
-        ]
+    def features(images: torch.Tensor) -> torch.Tensor:
+        return classifier.logits_and_features(images)[1]
 
     return ood.fit(features(dataset.train.images), dataset.train.labels, features(dataset.val.images))
 

@@ -194,15 +194,23 @@ class Classifier:
         """Logits and, if the run has an out-of-distribution model, each image's OOD score."""
         if self.ood is None:
             return self.logits(images, tta, batch_size), None
-        p = self.record.preprocessing
+        logits, features = self.logits_and_features(images, tta, batch_size)
+        return logits, self.ood.score(features)
+
+    def logits_and_features(
+        self, images: torch.Tensor | np.ndarray, tta: bool = False, batch_size: int = 1024
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (as `logits` gives them) and the pooled features the head reads, which the
+        out-of-distribution model and fine-tuning's refit score."""
         images = self.as_uint8_nchw(images)
         if isinstance(self.model, inference.OnnxNetwork):
             logits, features = self.model.logits(images, batch_size, tta, features=True)
         else:
+            p = self.record.preprocessing
             logits, features = inference.logits(
                 self.model, images, p.mean, p.std, batch_size, tta, p.colour_target, features=True
             )
-        return self.masked(logits), self.ood.score(features)
+        return self.masked(logits), features
 
     def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
         """softmax(logits / temperature): the probabilities every output reports."""

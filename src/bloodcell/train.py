@@ -275,6 +275,16 @@ def mix_feature_styles(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std * mixed_std + mixed_mean
 
 
+def stage_ends(model: nn.Module) -> list[nn.Module]:
+    """The last residual block of each stage, in order: where a stage's output leaves it."""
+    layers = list(getattr(model, "features", []))
+    return [
+        layer
+        for layer, after in zip(layers, [*layers[1:], None])
+        if isinstance(layer, models.ResidualBlock) and not isinstance(after, models.ResidualBlock)
+    ]
+
+
 @contextlib.contextmanager
 def style_mixing(model: nn.Module, probability: float):
     """While training inside this block, each batch leaving the residual stages before the last
@@ -282,7 +292,7 @@ def style_mixing(model: nn.Module, probability: float):
     if not probability:
         yield
         return
-    blocks = [m for m in model.modules() if isinstance(m, models.ResidualBlock)][:-1]
+    blocks = stage_ends(model)[:-1]
     if not blocks:
         raise BloodcellError(f"mixstyle needs a residual model with at least two stages, not {type(model).__name__}")
 
