@@ -43,9 +43,12 @@ def test_json_output_is_strict_json():
     assert json.loads(cli.to_json({"a": float("nan")})) == {"a": None}
 
 
-@pytest.fixture()
-def corpus(tmp_path, synthetic_run, cell_images):
-    """Bad inputs, by name: each a folder or file a user might point bloodcell at."""
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, synthetic_run, cell_images):
+    """Bad inputs, by name: each a folder or file a user might point bloodcell at. Built once for
+    all the cases (every case writes only under its own tmp_path, and each checks that the
+    foreign folder survived)."""
+    tmp_path = tmp_path_factory.mktemp("corpus")
     paths = {}
     paths["text_npz"] = tmp_path / "bloodmnist.npz"
     paths["text_npz"].write_text("hello")
