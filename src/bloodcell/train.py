@@ -222,7 +222,10 @@ WARMUP_FRACTION = 0.25  # of the one-cycle schedule's steps
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
     # torch's OneCycleLR ends its warm-up at step fraction * steps - 1 and divides by zero when that
     # is 0 (a run of exactly 4 steps); such a run trains at a constant rate instead
-    if config.schedule == "onecycle" and WARMUP_FRACTION * total_steps - 1 != 0:
+    cannot_cycle = WARMUP_FRACTION * total_steps == 1
+    if config.schedule == "constant" or (config.schedule == "onecycle" and cannot_cycle):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    if config.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=config.lr,
@@ -231,8 +234,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_
             div_factor=10,
             final_div_factor=100,
         )
-    if config.schedule in ("constant", "onecycle"):
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     raise BloodcellError(f"unknown schedule {config.schedule!r}; use onecycle or constant")
 
 
@@ -392,10 +393,10 @@ def fit(
     )
     started = time.perf_counter()
     stopped_early = False
-    with style_mixing(model, config.mixstyle):  # a no-op unless the recipe asks for MixStyle
-        for epoch in range(start_epoch, last_epoch):
-            epoch_start = time.perf_counter()
-            row = {"epoch": epoch + 1}
+    for epoch in range(start_epoch, last_epoch):
+        epoch_start = time.perf_counter()
+        row = {"epoch": epoch + 1}
+        with style_mixing(model, config.mixstyle):  # a no-op unless the recipe asks for MixStyle
             row |= train_epoch(
                 model,
                 forward,
@@ -410,37 +411,37 @@ def fit(
                 epoch,
                 teacher_logits,
             )
-            if val is not None:
-                row["val_loss"], row["val_acc"] = evaluate_loss_accuracy(eval_model, val, mean, std, colour_target)
-                bar.set_postfix_str(f"epoch {epoch + 1}/{config.epochs} val_acc {row['val_acc']:.4f}")
-                if config.patience is not None:
-                    if row["val_loss"] < best["val_loss"]:
-                        best = {"epoch": epoch + 1, "val_loss": row["val_loss"], "bad_epochs": 0}
-                        best_weights = copy.deepcopy(eval_model.state_dict())
-                    else:
-                        best["bad_epochs"] += 1
-                        stopped_early = best["bad_epochs"] >= config.patience
-            row["seconds"] = time.perf_counter() - epoch_start
-            history.append(row)
-            if checkpoint_dir is not None and distributed.is_main():
-                checkpoint.save(
-                    checkpoint_dir,
-                    TrainingState(
-                        epoch=epoch + 1,
-                        config=config.to_dict(),
-                        model=model.state_dict(),
-                        optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(),
-                        generator=generator.get_state(),
-                        torch_rng=torch.get_rng_state(),
-                        history=history,
-                        best=best,
-                        ema=ema.state_dict() if ema is not None else None,
-                        best_weights=best_weights,
-                    ),
-                )
-            if stopped_early:
-                break
+        if val is not None:
+            row["val_loss"], row["val_acc"] = evaluate_loss_accuracy(eval_model, val, mean, std, colour_target)
+            bar.set_postfix_str(f"epoch {epoch + 1}/{config.epochs} val_acc {row['val_acc']:.4f}")
+            if config.patience is not None:
+                if row["val_loss"] < best["val_loss"]:
+                    best = {"epoch": epoch + 1, "val_loss": row["val_loss"], "bad_epochs": 0}
+                    best_weights = copy.deepcopy(eval_model.state_dict())
+                else:
+                    best["bad_epochs"] += 1
+                    stopped_early = best["bad_epochs"] >= config.patience
+        row["seconds"] = time.perf_counter() - epoch_start
+        history.append(row)
+        if checkpoint_dir is not None and distributed.is_main():
+            checkpoint.save(
+                checkpoint_dir,
+                TrainingState(
+                    epoch=epoch + 1,
+                    config=config.to_dict(),
+                    model=model.state_dict(),
+                    optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(),
+                    generator=generator.get_state(),
+                    torch_rng=torch.get_rng_state(),
+                    history=history,
+                    best=best,
+                    ema=ema.state_dict() if ema is not None else None,
+                    best_weights=best_weights,
+                ),
+            )
+        if stopped_early:
+            break
     bar.close()
 
     if config.patience is not None and best_weights is not None:
