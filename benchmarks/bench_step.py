@@ -1,13 +1,14 @@
 """Where a training step's time goes on this CPU, and what changes it (not part of the test suite).
 
     python benchmarks/bench_step.py --data-dir ../shared/data [--preset default] [--steps 30]
-                                    [--models res-tiny ...] [--profile]
+                                    [--models res-small-relu res-tiny ...] [--profile]
 
 Times one training step of the preset (augmentation, forward, backward, optimiser) on real
 training batches, side by side in one process, median of `--steps` steps after 5 warm-up steps:
 the preset as it trains, then one change at a time: NCHW instead of channels_last, batch 128 and
-512 (per image), 1 thread, torch.compile, ReLU instead of GELU (where the model has a `-relu`
-twin), other architectures named with `--models`, and the augmentation alone. Prints the CPU model and
+512 (per image), 1 thread, torch.compile, the recipe with each architecture named in `--models`
+(for example `res-small-relu`, ReLU instead of GELU, or the narrower `res-tiny`), and the
+augmentation alone. Prints the CPU model and
 the instruction set PyTorch uses; run it again with ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 CPU to
 see what CPUs without AVX-512 get. `--profile` adds the share of CPU time per part of the step
 (convolutions forward and backward, batch norm, activations, pooling, the rest), from torch.profiler,
@@ -153,9 +154,6 @@ def main() -> None:
         "batch 512": lambda: time_steps(replace(config, batch_size=512), train, args.steps) / 2,
         "torch.compile": lambda: time_steps(config, train, args.steps, compile_model=True),
     }
-    if f"{config.model}-relu" in models.names():  # the same network with the cheaper activation
-        relu = replace(config, model=f"{config.model}-relu")
-        variants["ReLU instead of GELU"] = lambda: time_steps(relu, train, args.steps)
     for name in args.models:
         variants[f"model {name}"] = lambda name=name: time_steps(replace(config, model=name), train, args.steps)
     variants["augmentation alone"] = lambda: time_steps(config, train, args.steps, augment_only=True)

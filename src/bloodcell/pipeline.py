@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from bloodcell import distributed, inference, metrics, models, plots, runs
+from bloodcell import distributed, inference, metrics, models, ood, plots, runs
 from bloodcell.calibrate import fit_temperature
 from bloodcell.data import CLASSES, Dataset
 from bloodcell.errors import BloodcellError
@@ -117,7 +117,6 @@ def train_run(
 def fit_ood(classifier: Classifier, dataset: Dataset) -> OodModel:
     """The out-of-distribution model: training features' class centres and covariance, the
     threshold from the validation split."""
-    from bloodcell import ood
 
     def features(images: torch.Tensor) -> torch.Tensor:
         return classifier.logits_and_features(images)[1]
