@@ -24,14 +24,10 @@ from pathlib import Path
 import torch
 
 import bloodcell
-from bloodcell import data
-from bloodcell.augment import normalize
+from bloodcell.datasets import bloodmnist
 from bloodcell.errors import BloodcellError
-
-try:
-    from bench_train import cpu_description
-except ImportError:  # run from another folder
-    from benchmarks.bench_train import cpu_description
+from bloodcell.evaluation.provenance import stamp_line
+from bloodcell.inference.network import normalize
 
 
 def images_per_second(run: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, repeats: int = 5) -> float:
@@ -45,16 +41,16 @@ def images_per_second(run: Callable[[torch.Tensor], torch.Tensor], images: torch
 
 
 def main() -> None:
+    print(stamp_line(), flush=True)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
     parser.add_argument("--data-dir")
     parser.add_argument("--bf16", action="store_true", help="time the bfloat16 ways even without native bfloat16")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    print(f"torch {torch.__version__}, CPU: {cpu_description()}")
     classifier = bloodcell.load(args.run_dir)
     mean, std = classifier.record.preprocessing.mean, classifier.record.preprocessing.std
-    images = data.load(args.data_dir).test.images.repeat(3, 1, 1, 1)
+    images = bloodmnist.load(args.data_dir).test.images.repeat(3, 1, 1, 1)
     example = torch.zeros(1024, 3, 28, 28).contiguous(memory_format=torch.channels_last)
 
     def runner(model, dtype=torch.float32, channels_last=True, autocast=False):
@@ -99,8 +95,8 @@ def main() -> None:
         print("(no bfloat16 rows: this CPU has no native bfloat16 (AVX512-BF16 or AMX); --bf16 times them anyway)")
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            from bloodcell.export import export_onnx
-            from bloodcell.inference import OnnxNetwork
+            from bloodcell.inference.export import export_onnx
+            from bloodcell.inference.network import OnnxNetwork
 
             path = Path(tmp) / "model.onnx"
             export_onnx(args.run_dir, path)

@@ -20,26 +20,28 @@ import numpy as np
 import torch
 
 import bloodcell
-from bloodcell import preprocess
+from bloodcell.evaluation.provenance import stamp_line
+from bloodcell.images import crops, decode
 
 
 def filter_timings(paths: list[str], repeats: int = 5) -> tuple[float, float]:
     """Microseconds per image of the MedMNIST filter: one image at a time, and a batch of 64."""
-    weights = preprocess.medmnist_filter()
-    images = np.stack([preprocess.load(p, emulate=False) for p in preprocess.find_images(paths)[:64]])
+    weights = crops.medmnist_filter()
+    images = np.stack([crops.load(p, emulate=False) for p in decode.find_images(paths)[:64]])
     alone, batched = [], []
     for _ in range(repeats):
         start = time.perf_counter()
         for image in images:
-            preprocess.apply_medmnist_filter(image, weights)
+            crops.apply_medmnist_filter(image, weights)
         alone.append(time.perf_counter() - start)
         start = time.perf_counter()
-        preprocess.apply_medmnist_filter(images, weights)
+        crops.apply_medmnist_filter(images, weights)
         batched.append(time.perf_counter() - start)
     return 1e6 * statistics.median(alone) / len(images), 1e6 * statistics.median(batched) / len(images)
 
 
 def main() -> None:
+    print(stamp_line(), flush=True)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
     parser.add_argument("folder")
@@ -48,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     paths = [args.folder] * args.copies
-    n = len(preprocess.find_images(paths))
+    n = len(decode.find_images(paths))
     classifier = bloodcell.load(args.run_dir)
     classifier.predict_files(paths[:1])  # warm-up
     api, cli = [], []

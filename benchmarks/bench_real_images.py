@@ -14,21 +14,24 @@ import csv
 import numpy as np
 
 import bloodcell
-from bloodcell import data
+from bloodcell.classes import CLASSES
+from bloodcell.datasets import bloodmnist
+from bloodcell.evaluation.provenance import stamp_line
 
 
 def main() -> None:
+    print(stamp_line(), flush=True)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
     parser.add_argument("--data-dir")
     args = parser.parse_args()
-    root = data.resolve_data_dir(args.data_dir) / "pbc_sample"
+    root = bloodmnist.resolve_data_dir(args.data_dir) / "pbc_sample"
     with open(root / "labels.csv") as f:
         rows = list(csv.DictReader(f))
-    truth = [data.CLASSES[int(r["label"])] for r in rows]
+    truth = [CLASSES[int(r["label"])] for r in rows]
     classifier = bloodcell.load(args.run_dir)
     from_files = [r["class"] for r in classifier.predict_files([root / r["file"] for r in rows])]
-    twins = data.load(args.data_dir).train.images[[int(r["bloodmnist_index"]) for r in rows]]
+    twins = bloodmnist.load(args.data_dir).train.images[[int(r["bloodmnist_index"]) for r in rows]]
     from_twins = classifier.predict(twins)
     print(f"{len(rows)} files: agreement with their 28 px twins {np.mean(np.equal(from_files, from_twins)):.2%}")
     print(f"accuracy on the files {np.mean(np.equal(from_files, truth)):.2%}, on the twins ", end="")

@@ -27,7 +27,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from bloodcell import preprocess
+from bloodcell.evaluation.provenance import stamp_line
+from bloodcell.images import decode
 
 
 def free_port() -> int:
@@ -181,6 +182,7 @@ def start_server(run_dir: str, source_tree: str | None = None) -> tuple[subproce
 
 
 def main() -> None:
+    print(stamp_line(), flush=True)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
     parser.add_argument("folder")
@@ -188,7 +190,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=90, help="time limit per load level")
     parser.add_argument("--abuse-only", action="store_true", help="skip the load levels")
     args = parser.parse_args()
-    images = [p.read_bytes() for p in preprocess.find_images([args.folder])][:400]
+    images = [p.read_bytes() for p in decode.find_images([args.folder])][:400]
     server, url = start_server(args.run_dir)
     port = int(url.rsplit(":", 1)[1])
     try:

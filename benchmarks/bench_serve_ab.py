@@ -15,10 +15,12 @@ import asyncio
 import statistics
 
 from bench_serve import load, start_server
-from bloodcell import preprocess
+from bloodcell.evaluation.provenance import stamp_line
+from bloodcell.images import decode
 
 
 def main() -> None:
+    print(stamp_line(), flush=True)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("before", help="source tree of the first version (its src/ folder)")
     parser.add_argument("after", help="source tree of the second version")
@@ -28,7 +30,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=12, help="64-image requests per round")
     args = parser.parse_args()
-    images = [p.read_bytes() for p in preprocess.find_images([args.folder])][:400]
+    images = [p.read_bytes() for p in decode.find_images([args.folder])][:400]
     servers = {
         name: start_server(args.run_dir, tree) for name, tree in (("before", args.before), ("after", args.after))
     }

@@ -27,14 +27,12 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from bloodcell import data, models
-from bloodcell.augment import augment_batch
-from bloodcell.train import PRESETS, build_model, make_optimizer, normalization
-
-try:
-    from bench_train import cpu_description
-except ImportError:  # run from another folder
-    from benchmarks.bench_train import cpu_description
+from bloodcell import models
+from bloodcell.datasets import bloodmnist
+from bloodcell.evaluation.provenance import stamp_line
+from bloodcell.training.augment import augment_batch
+from bloodcell.training.loop import build_model, make_optimizer, normalization
+from bloodcell.training.recipe import PRESETS
 
 
 def training_step(config, train, compile_model: bool = False, augment_only: bool = False):
@@ -132,6 +130,7 @@ def profile_steps(config, train, steps: int) -> dict[str, float]:
 
 
 def main() -> None:
+    print(stamp_line(), flush=True)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir")
     parser.add_argument("--preset", default="default", choices=list(PRESETS))
@@ -144,8 +143,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = PRESETS[args.preset]
-    train = data.load(args.data_dir, size=config.image_size).train
-    print(f"torch {torch.__version__}, CPU: {cpu_description()}, preset {args.preset} ({config.model})")
+    train = bloodmnist.load(args.data_dir, size=config.image_size).train
+    print(f"preset {args.preset} ({config.model})")
     steps_per_run = -(-len(train) // config.batch_size) * config.epochs
     variants = {
         "as trained (channels_last)": lambda: time_steps(config, train, args.steps),

@@ -18,7 +18,6 @@ Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -27,28 +26,13 @@ from pathlib import Path
 import torch
 
 import bloodcell
-from bloodcell import data
-from bloodcell.evaluate import labelled_folders, score_records
-from bloodcell.pipeline import train_run
+from bloodcell.datasets import bloodmnist
+from bloodcell.datasets.folders import labelled_folders
+from bloodcell.evaluation.provenance import mean_std, stamp_line
+from bloodcell.evaluation.scoring import score_records
 from bloodcell.runs import read_record
-from bloodcell.train import PRESETS, RECOMMENDED_DISTILL, with_overrides
-
-
-def cpu_description() -> str:
-    """The CPU model, the instruction set PyTorch uses, and a oneDNN cap if one is set."""
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    return f"{model}, {torch.backends.cpu.get_cpu_capability()}" + (f", oneDNN capped to {cap}" if cap else "")
-
-
-def mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} +- {std:.4f}"
+from bloodcell.training.recipe import PRESETS, RECOMMENDED_DISTILL, with_overrides
+from bloodcell.workflows.pipeline import train_run
 
 
 def bench_inference(classifier, images: torch.Tensor, repeats: int = 5) -> float:
@@ -71,6 +55,7 @@ def files_score(classifier, folder: Path) -> tuple[float, float]:
 
 
 def main() -> None:
+    print(stamp_line(), flush=True)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -89,16 +74,15 @@ def main() -> None:
     args = parser.parse_args()
     teacher = None
     if args.teacher:
-        teacher = (Path(args.teacher), data.load(args.data_dir, size=read_record(args.teacher).image_size))
+        teacher = (Path(args.teacher), bloodmnist.load(args.data_dir, size=read_record(args.teacher).image_size))
         print(f"teacher: {args.teacher} ({teacher[1].image_size} px), distillation weight {RECOMMENDED_DISTILL}")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bloodcell {bloodcell.__version__}")
-    print(f"CPU: {cpu_description()}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.runs or tmp)
         for preset in args.presets:
-            dataset = data.load(args.data_dir, size=PRESETS[preset].image_size)
+            dataset = bloodmnist.load(args.data_dir, size=PRESETS[preset].image_size)
             results = []
             for seed in args.seeds:
                 config = with_overrides(PRESETS[preset], seed=seed, distill=RECOMMENDED_DISTILL if teacher else None)

@@ -21,12 +21,15 @@ from dataclasses import fields
 from pathlib import Path
 
 import bloodcell
-from bloodcell import data
-from bloodcell.evaluate import labelled_folders, score_records
-from bloodcell.finetune import FinetuneConfig, finetune
+from bloodcell.datasets import bloodmnist
+from bloodcell.datasets.folders import labelled_folders
+from bloodcell.evaluation.provenance import stamp_line
+from bloodcell.evaluation.scoring import score_records
+from bloodcell.workflows.finetune import FinetuneConfig, finetune
 
 
 def main() -> None:
+    print(stamp_line(), flush=True)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
     parser.add_argument("--data-dir")
@@ -43,9 +46,9 @@ def main() -> None:
             parser.error(f"--set {item}: FinetuneConfig has no knob {name!r} (it has {', '.join(knobs)})")
         parse = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes")}[knobs[name]]
         changes[name] = parse(value)
-    root = data.resolve_data_dir(args.data_dir)
+    root = bloodmnist.resolve_data_dir(args.data_dir)
     parent = bloodcell.load(args.run_dir)
-    dataset = data.load(args.data_dir, size=parent.image_size)
+    dataset = bloodmnist.load(args.data_dir, size=parent.image_size)
     dev = [root / "ood_dev" / "bccd_crops", root / "ood_dev" / "bccd_fields"]
     files, labels, _ = labelled_folders(dev, parent.classes)
     by_class: dict[int, list[int]] = {}

@@ -15,9 +15,13 @@ import json
 import time
 from dataclasses import replace
 
-from bloodcell import data, inference, metrics
-from bloodcell.augment import AugmentConfig
-from bloodcell.train import TrainConfig, build_model, fit
+from bloodcell.datasets import bloodmnist
+from bloodcell.evaluation import metrics
+from bloodcell.evaluation.provenance import stamp_line
+from bloodcell.inference import network
+from bloodcell.training.augment import AugmentConfig
+from bloodcell.training.loop import build_model, fit
+from bloodcell.training.recipe import TrainConfig
 
 # Every row is spelled out from a pinned base, so that changing TrainConfig's defaults never
 # changes what an old row name trains. `sharp1` = blur/sharpen augmentation of strength 1.
@@ -51,12 +55,13 @@ VARIANTS: dict[str, TrainConfig] = {
 
 
 def main() -> None:
+    print(stamp_line(), flush=True)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="seeds to train each variant with")
     parser.add_argument("variants", nargs="+", choices=list(VARIANTS))
     args = parser.parse_args()
-    dataset = data.load(args.data_dir)
+    dataset = bloodmnist.load(args.data_dir)
     for seed, name in ((seed, name) for seed in args.seeds for name in args.variants):
         config = replace(VARIANTS[name], seed=seed)
         start = time.perf_counter()
@@ -64,7 +69,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         scores = {}
         for tta in (False, True):
-            logits = inference.logits(
+            logits = network.logits(
                 result.model, dataset.val.images, result.mean, result.std, tta=tta, colour_target=result.colour_target
             )
             scores[tta] = (logits.argmax(1) == dataset.val.labels).float().mean().item()

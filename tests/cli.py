@@ -8,7 +8,7 @@ import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 
-from bloodcell.cli import main
+from bloodcell.app.cli import main
 
 
 def run_cli(*args, check: bool = True) -> subprocess.CompletedProcess:

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bloodcell import data
+from bloodcell.classes import CLASSES
+from bloodcell.datasets import bloodmnist
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_FIXTURES = {"real_data_dir", "real_dataset", "real_subset_file", "real_run", "pbc_sample", "ood_dev"}
@@ -28,7 +29,7 @@ def pytest_collection_modifyitems(items):
 
 
 def _real_data_dir() -> Path:
-    return Path(os.environ.get(data.DATA_DIR_ENV) or REPO.parent / "shared" / "data").resolve()
+    return Path(os.environ.get(bloodmnist.DATA_DIR_ENV) or REPO.parent / "shared" / "data").resolve()
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +37,7 @@ def real_data_dir() -> Path:
     """The folder with the official bloodmnist.npz; in CI its absence is a failure, not a skip."""
     folder = _real_data_dir()
     if not (folder / "bloodmnist.npz").is_file():
-        message = f"real BloodMNIST data not found in {folder} (set {data.DATA_DIR_ENV})"
+        message = f"real BloodMNIST data not found in {folder} (set {bloodmnist.DATA_DIR_ENV})"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
@@ -45,15 +46,15 @@ def real_data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def real_dataset(real_data_dir):
-    return data.load(real_data_dir)
+    return bloodmnist.load(real_data_dir)
 
 
 def write_synthetic_npz(path: Path, size: int = 28, n: tuple[int, int, int] = (64, 16, 16), seed: int = 0) -> Path:
     """A BloodMNIST-format file: each class is a coloured blob so that models can learn it."""
     rng = np.random.default_rng(seed)
     arrays = {}
-    for split, count in zip(data.SPLITS, n):
-        labels = np.arange(count) % len(data.CLASSES)
+    for split, count in zip(bloodmnist.SPLITS, n):
+        labels = np.arange(count) % len(CLASSES)
         images = rng.integers(0, 60, size=(count, size, size, 3), dtype=np.uint8)
         for i, label in enumerate(labels):
             images[i, : size // 2, :, label % 3] += np.uint8(150)
@@ -72,12 +73,12 @@ def synthetic_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_run(synthetic_file, tmp_path_factory) -> Path:
     """A finished run trained for two epochs on the synthetic data (a few seconds)."""
-    from bloodcell.pipeline import train_run
-    from bloodcell.train import PRESETS, with_overrides
+    from bloodcell.training.recipe import PRESETS, with_overrides
+    from bloodcell.workflows.pipeline import train_run
 
     run_dir = tmp_path_factory.mktemp("runs") / "synthetic"
     config = with_overrides(PRESETS["fast"], epochs=2, batch_size=32)
-    train_run(data.load_npz(synthetic_file), run_dir, config, progress=False)
+    train_run(bloodmnist.load_npz(synthetic_file), run_dir, config, progress=False)
     return run_dir
 
 
@@ -124,4 +125,4 @@ def pbc_sample(real_data_dir) -> list[dict]:
     with open(root / "labels.csv") as f:
         rows = list(csv.DictReader(f))
     # labels.csv spells classes with underscores; use the integer label for the class name
-    return [{**r, "path": root / r["file"], "class": data.CLASSES[int(r["label"])]} for r in rows]
+    return [{**r, "path": root / r["file"], "class": CLASSES[int(r["label"])]} for r in rows]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bloodcell import augment
+from bloodcell.training import augment
 
 
 def _views(x: torch.Tensor) -> list[torch.Tensor]:

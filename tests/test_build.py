@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 from PIL import Image
 
-from bloodcell import data
+from bloodcell.datasets import bloodmnist
 from tests.cli import call_cli
 
 
@@ -36,7 +36,7 @@ def test_every_sample_file_finds_its_official_split_and_index(pbc_sample, real_d
     assert len(rows) == 400
     assert all(truth[r["file"]] == (r["split"], r["index"]) for r in rows), "a file got the wrong slot"
 
-    built = data.load_npz(tmp_path / "bloodmnist_64.npz")
+    built = bloodmnist.load_npz(tmp_path / "bloodmnist_64.npz")
     assert built.image_size == 64 and not built.official and built.build["filled"] == 400
     assert len(built.train) == 400 and len(built.test) == 0
     # the 64 px image, shrunk back to 28 px, is close to the official image of the slot it was given

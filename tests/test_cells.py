@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from bloodcell import cells, preprocess
+from bloodcell import runs
 from bloodcell.errors import BloodcellError
+from bloodcell.images import cells, crops, decode
 
 BACKGROUND = (240, 228, 210)
 RED_CELL = (205, 160, 165)
@@ -64,7 +65,7 @@ def test_a_tight_crop_is_framed_by_the_cell_and_padded_with_background():
 def test_a_stated_red_cell_size_sets_the_frame_of_a_tight_crop():
     image = Image.new("RGB", (150, 150), (225, 225, 230))
     ImageDraw.Draw(image).ellipse((15, 15, 135, 135), fill=NUCLEUS)
-    crop = preprocess.Crop.parse("cell:40")
+    crop = runs.Crop.parse("cell:40")
     frame = cells.locate(image, crop.red_cell)
     assert frame.found and frame.scale_from == "stated red cell"
     assert frame.side == pytest.approx(cells.FRAME_IN_RED_CELLS * 40)  # not the cell extent's 1.68 x 120
@@ -72,7 +73,7 @@ def test_a_stated_red_cell_size_sets_the_frame_of_a_tight_crop():
     assert field.scale_from == "stated red cell" and field.side == pytest.approx(cells.FRAME_IN_RED_CELLS * 50)
     for bad in ("cell:", "cell:abc", "cell:0", "cell:-5", "cell:5000"):
         with pytest.raises(BloodcellError, match="cell:PX"):
-            preprocess.Crop.parse(bad)
+            runs.Crop.parse(bad)
 
 
 def test_red_cells_are_measured_in_image_pixels():
@@ -91,7 +92,7 @@ def test_two_white_cells_are_counted_and_a_blank_image_has_none():
 def test_cell_crop_through_preprocess(tmp_path):
     path = tmp_path / "field.png"
     smear().save(path)
-    pixels, frame = preprocess.prepare_framed(preprocess.open_image(path), 28, preprocess.Crop.parse("cell"))
+    pixels, frame = crops.prepare_framed(decode.open_image(path), 28, runs.Crop.parse("cell"))
     assert pixels.shape == (28, 28, 3) and frame is not None and frame.found
     centre = pixels[10:18, 10:18].reshape(-1, 3).mean(0)
     assert centre[2] > centre[1] + 40  # the violet cell is in the middle of the model's input

@@ -9,9 +9,10 @@ import shutil
 import pytest
 from PIL import Image
 
-from bloodcell import cli, runs
-from bloodcell.predict import PredictOptions
-from bloodcell.train import TrainConfig
+from bloodcell import runs
+from bloodcell.app import cli
+from bloodcell.inference.classifier import PredictOptions
+from bloodcell.training.recipe import TrainConfig
 from tests.cli import call_cli, run_cli
 from tests.conftest import write_synthetic_npz
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import bloodcell
-from bloodcell import data
+from bloodcell.datasets import bloodmnist
 
 pytestmark = pytest.mark.slow  # two extra Python processes with torch: not for the fast lane
 
@@ -39,7 +39,7 @@ def test_two_processes_train_one_model_and_rank_zero_writes_it(synthetic_file, t
     printed = json.loads(result.stdout)  # one JSON document: only rank 0 reports
     assert printed["run_dir"] == str(out)
     classifier = bloodcell.load(out)
-    test = data.load_npz(synthetic_file).test
+    test = bloodmnist.load_npz(synthetic_file).test
     accuracy = (classifier.predict_proba(test.images).argmax(1) == test.labels).float().mean().item()
     assert accuracy > 0.3  # chance is 1/8: the two processes trained one working model
     assert not (out / "checkpoint").exists()

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from bloodcell import explain, models
+from bloodcell import models
+from bloodcell.reporting import explain
 from tests.cli import call_cli, run_cli
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -102,10 +103,10 @@ def test_explain_on_files_folders_and_dataset_indices(synthetic_run, synthetic_f
 
 def test_explain_restricted_to_some_classes_explains_what_predict_answers(synthetic_run, synthetic_file, tmp_path):
     import bloodcell
-    from bloodcell import data
+    from bloodcell.datasets import bloodmnist
 
     only = bloodcell.load(synthetic_run).restricted_to(["lymphocyte", "monocyte"])
-    images = data.load(data_file=synthetic_file).test.images[:6]
+    images = bloodmnist.load(data_file=synthetic_file).test.images[:6]
     answers = only.predict(images)
     for image, answer in zip(images, answers):
         explanation = explain.explain_image(only, image.permute(1, 2, 0).numpy())
@@ -118,17 +119,17 @@ def test_explain_restricted_to_some_classes_explains_what_predict_answers(synthe
 
 
 def test_report_embeds_only_regular_files_inside_the_folder(synthetic_file, tmp_path):
-    from bloodcell import report
+    from bloodcell.reporting import report
 
     secret = tmp_path / "secret.png"
     secret.write_bytes(b"\x89PNG not for the report")
     study = tmp_path / "study"
     study.mkdir()
     (study / "learning_curves_baseline_study.png").symlink_to(secret)
-    html = report._img(study / "learning_curves_baseline_study.png", "x", study)
+    html = report.embedded_image(study / "learning_curves_baseline_study.png", "x", study)
     assert "skipped" in html and "base64" not in html
     (study / "real.png").write_bytes(b"\x89PNG")
-    assert "base64" in report._img(study / "real.png", "x", study)
+    assert "base64" in report.embedded_image(study / "real.png", "x", study)
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +211,7 @@ def test_robustness_command_and_its_report_section(synthetic_run, synthetic_file
 
 
 def test_corruptions_change_images_more_with_severity():
-    from bloodcell import robustness
+    from bloodcell.evaluation import robustness
 
     coarse = torch.rand(4, 3, 4, 4) * 200 + 30  # smooth images: they survive the 28 -> 224 -> 28 round trip
     images = torch.nn.functional.interpolate(coarse, size=28, mode="bilinear").round().to(torch.uint8)

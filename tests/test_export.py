@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import bloodcell
-from bloodcell import data
-from bloodcell.predict import Classifier
+from bloodcell.datasets import bloodmnist
+from bloodcell.inference.classifier import Classifier
 from tests.cli import call_cli
 
 
@@ -26,7 +26,7 @@ def exported(synthetic_run, tmp_path_factory):
 def test_onnx_logits_equal_torch_logits(exported, synthetic_file):
     run, result = exported
     assert result["opset"] == 18 and (run / "model.onnx").is_file() and (run / "model.md").is_file()
-    images = data.load_npz(synthetic_file).test.images
+    images = bloodmnist.load_npz(synthetic_file).test.images
     torch_run, onnx_run = bloodcell.load(run), Classifier.from_run(run, backend="onnx")
     a, b = torch_run.logits(images), onnx_run.logits(images)
     assert (a - b).abs().max().item() <= 1e-4 and torch.equal(a.argmax(1), b.argmax(1))

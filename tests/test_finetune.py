@@ -10,16 +10,16 @@ import pytest
 from PIL import Image
 
 import bloodcell
-from bloodcell import data
+from bloodcell.datasets import bloodmnist
 from bloodcell.errors import BloodcellError
-from bloodcell.finetune import FinetuneConfig, hold_out
+from bloodcell.workflows.finetune import FinetuneConfig, hold_out
 from tests.cli import call_cli
 
 
 @pytest.fixture()
 def lab_folder(tmp_path, synthetic_file):
     """A 'lab' with three classes, 5 images each: synthetic training images enlarged to 120 px files."""
-    source = data.load_npz(synthetic_file).train
+    source = bloodmnist.load_npz(synthetic_file).train
     folder = tmp_path / "lab"
     for name, label in (("NEUTROPHIL", 6), ("lymphocytes", 4), ("ig", 3)):
         (folder / name).mkdir(parents=True)

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from bloodcell import metrics, models
-from bloodcell.calibrate import fit_temperature
+from bloodcell import models
 from bloodcell.errors import BloodcellError
+from bloodcell.evaluation import metrics
+from bloodcell.inference.calibrate import fit_temperature
 
 
 def test_study_architectures_match_the_paper():
@@ -133,17 +134,17 @@ def test_early_downsampling_stems_reach_the_same_stage_size():
 
 
 def test_device_selection(monkeypatch):
-    from bloodcell import inference
+    from bloodcell.inference import network
 
-    assert inference.resolve_device("cpu").type == "cpu"
+    assert network.resolve_device("cpu").type == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert inference.resolve_device("auto").type == "cpu"
+    assert network.resolve_device("auto").type == "cpu"
     with pytest.raises(BloodcellError, match="no such device"):
-        inference.resolve_device("cuda")
+        network.resolve_device("cuda")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert inference.resolve_device("auto").type == "mps"
+    assert network.resolve_device("auto").type == "mps"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert inference.resolve_device("auto").type == "cuda" and inference.resolve_device("cuda").type == "cuda"
+    assert network.resolve_device("auto").type == "cuda" and network.resolve_device("cuda").type == "cuda"
     with pytest.raises(BloodcellError, match="unknown device"):
-        inference.resolve_device("tpu")
+        network.resolve_device("tpu")

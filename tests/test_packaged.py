@@ -11,8 +11,8 @@ import pytest
 
 import bloodcell
 from bloodcell import runs
-from bloodcell.evaluate import evaluate
-from bloodcell.train import PRESETS, TrainConfig
+from bloodcell.evaluation.scoring import evaluate
+from bloodcell.training.recipe import PRESETS, TrainConfig
 from tests.cli import call_cli
 
 PACKAGED_FILES = ("model.json", "model.safetensors", "ood.safetensors", "metrics.json", "MODEL_CARD.md")

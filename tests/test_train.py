@@ -10,12 +10,11 @@ import pytest
 import torch
 
 import bloodcell
-from bloodcell import checkpoint, data, files, models, runs
+from bloodcell import files, models, runs
+from bloodcell.datasets import bloodmnist
 from bloodcell.errors import BloodcellError
-from bloodcell.pipeline import train_run
-from bloodcell.train import (
-    PRESETS,
-    TrainConfig,
+from bloodcell.training import checkpoint
+from bloodcell.training.loop import (
     build_model,
     fit,
     make_optimizer,
@@ -24,8 +23,9 @@ from bloodcell.train import (
     mixup_batch,
     stage_ends,
     style_mixing,
-    with_overrides,
 )
+from bloodcell.training.recipe import PRESETS, TrainConfig, with_overrides
+from bloodcell.workflows.pipeline import train_run
 from tests.cli import call_cli, run_cli
 
 TINY = with_overrides(PRESETS["fast"], epochs=2, batch_size=32)
@@ -33,7 +33,7 @@ TINY = with_overrides(PRESETS["fast"], epochs=2, batch_size=32)
 
 @pytest.fixture(scope="module")
 def synthetic(synthetic_file):
-    return data.load_npz(synthetic_file)
+    return bloodmnist.load_npz(synthetic_file)
 
 
 def test_fit_learns_the_synthetic_classes(synthetic):
@@ -276,7 +276,7 @@ def test_resume_through_the_cli_on_real_data(real_subset_file, tmp_path):
     copy = tmp_path / "subset.npz"
     shutil.copy(real_subset_file, copy)
     run_dir = tmp_path / "run"
-    dataset = data.load_npz(copy)
+    dataset = bloodmnist.load_npz(copy)
     train_run(dataset, run_dir, with_overrides(PRESETS["fast"], epochs=2), progress=False, stop_after_epochs=1)
     result = run_cli("train", "--data-file", copy, "--out", run_dir, *QUICK, "--resume", "--json")
     assert json.loads(result.stdout)["test"]["accuracy"] > 0.3

@@ -26,9 +26,9 @@ import torch
 
 import bloodcell
 from bloodcell import runs
-from bloodcell.export import model_card
 from bloodcell.files import write_json, write_text
-from bloodcell.train import PRESETS
+from bloodcell.inference.export import model_card
+from bloodcell.training.recipe import PRESETS
 
 COMMAND = ["bloodcell", "train", "--seed", "42"]
 COPIED = (runs.MODEL_WEIGHTS, runs.OOD_WEIGHTS, runs.METRICS, runs.HISTORY)

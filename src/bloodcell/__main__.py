@@ -1,5 +1,5 @@
 import sys
 
-from bloodcell.cli import main
+from bloodcell.app.cli import main  # the entry point of `python -m bloodcell`
 
 sys.exit(main())

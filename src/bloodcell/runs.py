@@ -24,7 +24,6 @@ import torch
 from bloodcell import __version__, models
 from bloodcell.errors import BloodcellError
 from bloodcell.files import load_tensors, read_json, save_tensors, write_json
-from bloodcell.preprocess import Crop
 
 SCHEMA_VERSION = 2  # 1: the first release's model.json (no "schema" key, "normalize" at the top)
 MODEL_WEIGHTS = "model.safetensors"
@@ -34,8 +33,46 @@ ONNX = "model.onnx"  # written by `bloodcell export` (with model.md, the model c
 METRICS = "metrics.json"
 HISTORY = "history.csv"
 CHECKPOINT = "checkpoint"
+MEDMNIST_CROP = 200 / 360  # crop side / short side of the PBC images: how BloodMNIST framed them
 PACKAGED_RUN = Path(__file__).parent / "packaged" / "default"  # the recommended model, shipped in the wheel
 RUN_FILES = (MODEL_WEIGHTS, MODEL_META, OOD_WEIGHTS, ONNX, "model.md", METRICS, HISTORY, CHECKPOINT)
+
+
+@dataclass(frozen=True)
+class Crop:
+    """How a full-size image is framed: 'cell' (find the white cell, frame it like BloodMNIST),
+    'cell:PX' (the same, for images where a red cell is PX pixels across: a lab that knows its
+    magnification), 'medmnist' (the MedMNIST geometry scaled to the image), 'none' (largest
+    centred square), or a fraction of the short side, centred."""
+
+    fraction: float | None  # None: find the cell
+    red_cell: float | None = None  # with 'cell': a red cell's diameter in the images, in pixels
+
+    @classmethod
+    def parse(cls, spec: str | float) -> Crop:
+        if spec == "cell":
+            return cls(None)
+        if isinstance(spec, str) and spec.startswith("cell:"):
+            try:
+                red_cell = float(spec.removeprefix("cell:"))
+            except ValueError:
+                red_cell = 0.0
+            if not 4 <= red_cell <= 1000:
+                raise BloodcellError(f"--crop cell:PX needs a red cell's diameter in pixels (4 to 1000), got {spec!r}")
+            return cls(None, red_cell)
+        if spec == "medmnist":
+            return cls(MEDMNIST_CROP)
+        if spec == "none":
+            return cls(1.0)
+        try:
+            fraction = float(spec)
+        except ValueError:
+            raise BloodcellError(
+                f"--crop must be 'cell', 'cell:PX', 'medmnist', 'none' or a fraction in (0, 1], got {spec!r}"
+            ) from None
+        if not 0 < fraction <= 1:
+            raise BloodcellError(f"--crop fraction must be in (0, 1], got {fraction}")
+        return cls(fraction)
 
 
 @dataclass(frozen=True)
@@ -158,6 +195,33 @@ class RunRecord:
         if self.ood_threshold is not None and not (_is_finite(self.ood_threshold) and self.ood_threshold > 0):
             raise BloodcellError(f"{source}: ood_threshold must be a positive number, got {self.ood_threshold!r}")
         models.check_args(self.arch_args)
+
+    def describe(self) -> str:
+        """What `bloodcell info RUN` prints: the model, what it was trained on, its headline scores."""
+        p = self.preprocessing
+        lines = [
+            f"model       {self.arch}, {p.image_size} px, crop {p.crop}"
+            + (", Lab colour normalisation" if p.colour_target else ""),
+            f"classes     {', '.join(self.classes)}",
+            f"trained on  {Path(str(self.data.get('file', '?'))).name} (MD5 {self.data.get('md5', '?')})"
+            + ("" if self.data.get("bloodmnist", True) else " (its images not trained on: lab folders alone)"),
+        ]
+        for lab in self.data.get("labs", []):
+            per_class = ", ".join(f"{name} {n}" for name, n in lab.get("per_class", {}).items())
+            lines.append(
+                f"            {lab.get('name')}: {lab.get('images')} images ({per_class}) in {lab.get('groups')} "
+                f"groups; trained on {lab.get('trained_on')}, held out {lab.get('held_out')}"
+            )
+        if self.train_seconds:
+            lines.append(f"training    {self.train_seconds / 60:.1f} min, bloodcell {self.bloodcell_version}")
+        for split, values in self.metrics.items():
+            flagged = values.get("flagged_fraction")
+            lines.append(
+                f"{split:<11} accuracy {values.get('accuracy', float('nan')):.4f}"
+                + (f", {flagged:.1%} flagged for review" if flagged is not None else "")
+            )
+        lines += [f"warning     {w}" for w in self.warnings]
+        return "\n".join(lines)
 
     def with_temperature(self, temperature: float) -> RunRecord:
         return replace(self, temperature=float(temperature))
