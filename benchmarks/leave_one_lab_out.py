@@ -1,7 +1,7 @@
 """Leave one lab out: how a recipe trained on some labs does on a lab it has never seen.
 
     python benchmarks/leave_one_lab_out.py VARIANT [VARIANT ...] --data-dir DIR [--seeds 0 1 2]
-        [--held-out pbc chula lisc] [--runs KEEP_DIR] [--all-labs] [--show-test]
+        [--held-out pbc chula lisc] [--runs KEEP_DIR] [--all-labs] [--show-test] [--epochs N]
 
 DIR holds the BloodMNIST file of the variant's image size (`bloodcell build-data` makes the 64 and
 128 px ones), `labs/chula` and `labs/lisc` (trainable lab folders with group manifests),
@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--all-labs", action="store_true", help="also train on all three labs")
     parser.add_argument("--show-test", action="store_true", help="print the all-labs model's test accuracy")
+    parser.add_argument("--epochs", type=int, help="override every variant's epochs (a quick look, not a result)")
     args = parser.parse_args()
     print(stamp_line(), flush=True)
     keep = args.runs or Path(tempfile.mkdtemp(prefix="lolo-"))
@@ -146,7 +147,7 @@ def main() -> None:
         for seed in args.seeds:
             for held_out in folds:
                 run_dir = keep / f"{variant}-without-{held_out}-{seed}"
-                config = replace(base, seed=seed)
+                config = replace(base, seed=seed, epochs=args.epochs or base.epochs)
                 classifier = train_without(held_out, config, labs, dataset, run_dir)
                 record = classifier.record
                 row = {"variant": variant, "seed": seed, "held_out": held_out, "train_seconds": record.train_seconds}
