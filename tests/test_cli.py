@@ -7,7 +7,9 @@ import json
 import shutil
 
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from bloodcell import runs
 from bloodcell.app import cli
@@ -76,6 +78,47 @@ def corpus(tmp_path_factory, synthetic_run, cell_images):
             meta = change
         (run / runs.MODEL_META).write_text(json.dumps(meta))
         paths[name] = run
+    for name, change in {
+        "reserved_arch_arg": {"arch_args": {"image_size": 64}},
+        "named_arch_arg": {"arch_args": {"name": "x"}},
+        "escaped_classes": {"classes": ["basophil\x1b[2J", *[f"c{i}" for i in range(7)]]},
+        "newline_class": {"classes": ["a\nb", *[f"c{i}" for i in range(7)]]},
+        "warnings_text": {"warnings": "abc"},
+        "wide_and_deep": {"arch_args": {"widths": [1024] * 6, "blocks": 8, "stem": 24}},
+        "giant_baseline": {"arch": "baseline", "arch_args": {}, "preprocessing": {"image_size": 1024},
+                           "classes": [f"c{i}" for i in range(1000)], "ood_threshold": None},
+    }.items():  # fmt: skip
+        run = tmp_path / name
+        shutil.copytree(synthetic_run, run)
+        meta = json.loads((run / runs.MODEL_META).read_text())
+        for key, value in change.items():
+            merge = isinstance(value, dict) and isinstance(meta.get(key), dict) and key != "arch_args"
+            meta[key] = meta[key] | value if merge else value
+        (run / runs.MODEL_META).write_text(json.dumps(meta))
+        paths[name] = run
+    for name, tensors in {
+        "ood_means": {"means": torch.zeros(8, 10)},
+        "ood_precision": {"precision": torch.zeros(3, 3)},
+    }.items():
+        run = tmp_path / name
+        shutil.copytree(synthetic_run, run)
+        ood = load_file(run / runs.OOD_WEIGHTS) | tensors
+        save_file(ood, run / runs.OOD_WEIGHTS)
+        paths[name] = run
+    paths["probe"] = tmp_path / "probe"  # the probe's folder: figures and a checkpoint folder by name only
+    (paths["probe"] / "checkpoint").mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        (paths["probe"] / name).write_bytes(b"mine")
+    (paths["probe"] / "checkpoint" / "thesis.docx").write_text("x")
+    paths["damaged"] = tmp_path / "damaged"
+    shutil.copytree(synthetic_run, paths["damaged"])
+    (paths["damaged"] / runs.MODEL_WEIGHTS).unlink()
+    paths["unreadable_lab"] = tmp_path / "unreadable_lab"
+    (paths["unreadable_lab"] / "neutrophil").mkdir(parents=True)
+    for i in range(3):
+        (paths["unreadable_lab"] / "neutrophil" / f"{i}.png").write_bytes(b"not a png")
+    paths["eps"] = tmp_path / "cell.eps"
+    paths["eps"].write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\nshowpage\n")
     paths["huge_image"] = tmp_path / "huge.png"
     Image.new("1", (12_000, 9_000)).save(paths["huge_image"])
     paths["tiny_set"] = write_synthetic_npz(tmp_path / "tiny.npz", size=1)
@@ -91,7 +134,7 @@ CASES = {
     "1x1 px dataset": (["train", "--data-file", "{tiny_set}", "--out", "{tmp}/r1"], "at least 8 px"),
     "overwrite a foreign folder": (
         ["train", "--data-file", "{text_npz}", "--out", "{foreign}", "--overwrite"],
-        "not a bloodcell run (holds chapter1.tex); refusing to delete it",
+        "not a bloodcell run (no readable model.json or checkpoint/state.json); refusing to delete it",
     ),
     "resume a mistyped run": (["train", "--out", "{tmp}/typo", "--resume", "--data-dir", "{tmp}"], "nothing to resume"),
     "zero epochs": (["train", "--epochs", "0", "--out", "{tmp}/r2"], "epochs must be"),
@@ -108,6 +151,42 @@ CASES = {
     "explain a 108 Mpx image": (["explain", "{run}", "{huge_image}", "--out", "{tmp}/x"], "too large"),
     "explain nothing": (["explain", "{run}", "--out", "{tmp}/x"], "nothing to explain"),
     "report a foreign folder": (["report", "{foreign}"], "not a bloodcell run directory"),
+    # the hostile probe's cases
+    "overwrite figures by name": (
+        ["train", "--data-file", "{tiny_set}", "--out", "{probe}", "--overwrite"],
+        "not a bloodcell run (no readable model.json or checkpoint/state.json); refusing to delete it",
+    ),
+    "predict with a damaged run": (
+        ["predict", "{damaged}", "{image}"],
+        "damaged or unfinished run (no model.safetensors)",
+    ),
+    "evaluate a damaged run": (["evaluate", "{damaged}"], "damaged or unfinished run (no model.safetensors)"),
+    "giant baseline": (["predict", "{giant_baseline}", "{image}"], "parameters (limit 50,000,000)"),
+    "huge widths": (
+        ["train", "--out", "{tmp}/r3", "--data-file", "{tiny_set}", "--model", "res-small"],
+        "at least 8 px",
+    ),
+    "image_size in arch_args": (["predict", "{reserved_arch_arg}", "{image}"], "arch_args may not set image_size"),
+    "name in arch_args": (["predict", "{named_arch_arg}", "{image}"], "arch_args may not set name"),
+    "class names with escapes": (["predict", "{escaped_classes}", "{image}"], "class names must be printable"),
+    "class names with newlines": (["info", "{newline_class}"], "class names must be printable"),
+    "warnings as a string": (["predict", "{warnings_text}", "{image}"], "warnings must be a list of strings"),
+    "OOD centres of the wrong size": (["predict", "{ood_means}", "{image}"], "do not fit this network"),
+    "OOD precision of the wrong size": (["predict", "{ood_precision}", "{image}"], "does not fit"),
+    "csv is a folder": (["predict", "{run}", "{image}", "--csv", "{tmp}"], "is a folder; give a file name"),
+    "csv under /proc": (["predict", "{run}", "{image}", "--csv", "/proc/bloodcell/x.csv"], "cannot write"),
+    "csv under a file": (["predict", "{run}", "{image}", "--csv", "{a_file}/x.csv"], "is not a folder"),
+    "export to a folder": (["export", "{run}", "--out", "{tmp}"], "is a folder; give a file name"),
+    "report under /proc": (["report", "{run}", "--out", "/proc/bloodcell/r.html"], "cannot write"),
+    "explain into a file": (["explain", "{run}", "{image}", "--out", "{a_file}"], "exists and is not a folder"),
+    "train under /proc": (["train", "--data-file", "{tiny_set}", "--out", "/proc/bloodcell/run"], "cannot write"),
+    "build-data into a file": (
+        ["build-data", "{tmp}", "--size", "64", "--out", "{a_file}", "--data-file", "{text_npz}"],
+        "truncated or corrupt",
+    ),
+    "merge csv under /proc": (["merge", "{a_file}", "--csv", "/proc/bloodcell/m.csv"], "cannot write"),
+    "evaluate unreadable images": (["evaluate", "{run}", "--images", "{unreadable_lab}"], "none of the 3 images"),
+    "an EPS file": (["explain", "{run}", "{eps}", "--out", "{tmp}/x"], "not an image file bloodcell reads"),
 }
 
 

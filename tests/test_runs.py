@@ -12,6 +12,7 @@ import bloodcell
 from bloodcell import runs
 from bloodcell.errors import BloodcellError
 from bloodcell.runs import Preprocessing, RunRecord
+from tests.cli import call_cli
 
 RECORD = RunRecord(
     arch="res-small",
@@ -99,6 +100,9 @@ def test_edited_run_folders_are_refused_at_load(synthetic_run, tmp_path):
     meta = json.loads((run / runs.MODEL_META).read_text())
 
     (run / runs.MODEL_META).write_text(json.dumps(meta | {"classes": meta["classes"][:3]}))
+    with pytest.raises(BloodcellError, match="do not fit this network"):  # the review score's centres, first
+        bloodcell.load(run)
+    (run / runs.MODEL_META).write_text(json.dumps(meta | {"classes": meta["classes"][:3], "ood_threshold": None}))
     with pytest.raises(BloodcellError, match="weights do not fit"):
         bloodcell.load(run)
 
@@ -123,13 +127,18 @@ def test_overwrite_replaces_runs_but_never_foreign_folders(synthetic_run, tmp_pa
     mine = tmp_path / "thesis"
     mine.mkdir()
     (mine / "chapter1.tex").write_text("precious")
-    with pytest.raises(BloodcellError, match="not a bloodcell run.*chapter1.tex"):
+    with pytest.raises(BloodcellError, match="not a bloodcell run.*refusing to delete it"):
         runs.prepare_run_dir(mine, overwrite=True)
     assert (mine / "chapter1.tex").read_text() == "precious"
 
     started = tmp_path / "started"
     (started / runs.CHECKPOINT).mkdir(parents=True)
-    runs.prepare_run_dir(started, overwrite=True)  # a started run (checkpoint only) may be replaced
+    (started / runs.CHECKPOINT / "state.json").write_text(
+        '{"epoch": 1, "tensors": "state-1.safetensors", "config": {}}'
+    )
+    (started / runs.CHECKPOINT / "state-1.safetensors").write_bytes(b"x")
+    runs.prepare_run_dir(started, overwrite=True)  # a started run (a checkpoint only) may be replaced
+    assert not any(started.iterdir())
     with pytest.raises(BloodcellError, match="use --overwrite or --resume"):
         runs.prepare_run_dir(mine)
     with pytest.raises(BloodcellError, match="nothing to resume"):
@@ -137,6 +146,39 @@ def test_overwrite_replaces_runs_but_never_foreign_folders(synthetic_run, tmp_pa
     (tmp_path / "file").write_text("x")
     with pytest.raises(BloodcellError, match="not a folder"):
         runs.prepare_run_dir(tmp_path / "file")
+
+
+def test_overwrite_looks_at_what_files_are_not_at_their_names(synthetic_run, tmp_path):
+    """The probe's case: figures and a checkpoint folder by name only, with a user's file inside."""
+    probe = tmp_path / "u"
+    (probe / runs.CHECKPOINT).mkdir(parents=True)
+    for name in ("a.png", "b.png", "metrics.json"):
+        (probe / name).write_text("mine")
+    (probe / runs.CHECKPOINT / "thesis.docx").write_text("x")
+    with pytest.raises(BloodcellError, match="not a bloodcell run"):
+        runs.prepare_run_dir(probe, overwrite=True)
+    assert (probe / runs.CHECKPOINT / "thesis.docx").read_text() == "x" and (probe / "a.png").is_file()
+
+    run = _copy_run(synthetic_run, tmp_path)  # a real run with a user's files beside its own
+    (run / "holiday.png").write_text("mine")
+    (run / runs.CHECKPOINT).mkdir()
+    (run / runs.CHECKPOINT / "notes.txt").write_text("mine")
+    with pytest.raises(BloodcellError, match=r"holds files bloodcell did not write \(holiday.png, .*notes.txt\)"):
+        runs.prepare_run_dir(run, overwrite=True)
+    assert (run / "holiday.png").is_file() and (run / runs.MODEL_META).is_file()
+    (run / "holiday.png").unlink()
+    (run / runs.CHECKPOINT / "notes.txt").unlink()
+    (run / "confusion_lab.png").write_bytes(b"")  # what `evaluate --images` writes into the run
+    runs.prepare_run_dir(run, overwrite=True)
+    assert not any(run.iterdir())
+
+
+def test_a_damaged_run_is_never_taken_for_another_model_or_an_image_folder(synthetic_run, cell_images, tmp_path):
+    run = _copy_run(synthetic_run, tmp_path)
+    (run / runs.MODEL_WEIGHTS).unlink()
+    result = call_cli("predict", run, cell_images[0], check=False)
+    assert result.returncode == 1 and "a damaged or unfinished run (no model.safetensors)" in result.stderr
+    assert "packaged" not in result.stderr and result.stdout == ""
 
 
 def test_run_files_get_normal_permissions(synthetic_run):

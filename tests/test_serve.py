@@ -176,7 +176,7 @@ def test_idle_and_stalled_connections_do_not_starve_health(server):
         s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")  # headers never finished
         idle.append(s)
     stalled = socket.create_connection(("127.0.0.1", port))
-    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+    head = b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
     stalled.sendall(head + b"Content-Length: 100000\r\n\r\n--x\r\n")  # the rest of the body never comes
     started = time.monotonic()
     assert httpx.get(f"{url}/health", timeout=5).status_code == 200

@@ -107,7 +107,7 @@ def test_edited_state_files_are_refused(synthetic, interrupted, change, message)
 
 
 def test_foreign_tensors_and_other_configs_are_refused(synthetic, interrupted):
-    with pytest.raises(BloodcellError, match="different training config"):
+    with pytest.raises(BloodcellError, match=r"different recipe \(lr 0.006 -> 0.001\)"):
         _resume(synthetic, interrupted, with_overrides(TINY, lr=1e-3))
     name = json.loads((interrupted / checkpoint.STATE).read_text())["tensors"]
     tensors = files.load_tensors(interrupted / name)

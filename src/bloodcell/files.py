@@ -1,9 +1,12 @@
 """Writing files safely: atomically (a crash never leaves half a file) and with normal permissions.
 
 Every file bloodcell writes (run directories, figures, CSV, JSON, reports) goes through
-`atomic_path`, so an interrupted command leaves either the old file or the new one. Temporary
-files from `mkstemp` are owner-only (0600); the finished file gets what the user's umask allows,
-like any file an ordinary program creates.
+`atomic_path`, so an interrupted command leaves either the old file or the new one. What a path
+already is, is respected: a symbolic link keeps pointing where it did (the file it points to is
+replaced), a device or FIFO (`/dev/stdout`, a pipe) is written into, never renamed over, and a
+folder is refused. Every failure is one line naming the path (`check_writable` finds most of them
+before a long command starts). Temporary files from `mkstemp` are owner-only (0600); the finished
+file gets what the user's umask allows, like any file an ordinary program creates.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -32,17 +36,69 @@ def _current_umask() -> int:
 FILE_MODE = 0o666 & ~_current_umask()
 
 
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _target(path: Path) -> Path:
+    """Where writing `path` lands: the end of its chain of symbolic links, or the path itself."""
+    try:
+        return path.resolve() if path.is_symlink() else path
+    except (OSError, RuntimeError) as exc:  # a loop of links
+        raise BloodcellError(f"{printable(path)}: cannot write (a broken chain of symbolic links: {exc})") from None
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Refuse now, with one line, a path that writing would fail on later (before hours of work)."""
+    path = Path(path)
+    target = _target(path)
+    if target.is_dir():
+        raise BloodcellError(f"{printable(path)}: is a folder; give a file name")
+    if target.exists() and not target.is_file():
+        if not os.access(target, os.W_OK):
+            raise BloodcellError(f"{printable(path)}: cannot write (permission denied)")
+        return path
+    parent = next((p for p in (target.parent, *target.parent.parents) if p.exists()), Path("/"))
+    if not parent.is_dir():
+        raise BloodcellError(f"{printable(path)}: cannot write ({printable(parent)} is not a folder)")
+    try:  # a real attempt: permissions alone do not tell (root may "access" /proc, a read-only mount)
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".bloodcell-", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise BloodcellError(f"{printable(path)}: cannot write in {printable(parent)} ({_reason(exc)})") from None
+    return path
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds."""
+    """Yield a temporary path; if the block succeeds, its contents become `path`'s.
+
+    A regular file (or a new one) is replaced by renaming the temporary file over it; through a
+    symbolic link, the file it points to is replaced and the link stays; a device, FIFO or other
+    special file gets the contents written into it. Any OS error is one BloodcellError line."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    target = _target(path)
+    if target.is_dir():
+        raise BloodcellError(f"{printable(path)}: is a folder; give a file name")
+    special = target.exists() and not target.is_file()
+    try:
+        if not special:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=None if special else target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as exc:
+        raise BloodcellError(f"{printable(path)}: cannot write ({_reason(exc)})") from None
     try:
         yield Path(tmp)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
+        if special:
+            with open(tmp, "rb") as source, open(target, "wb") as sink:
+                shutil.copyfileobj(source, sink)
+        else:
+            os.chmod(tmp, FILE_MODE)
+            os.replace(tmp, target)
+    except OSError as exc:
+        raise BloodcellError(f"{printable(path)}: cannot write ({_reason(exc)})") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -93,15 +149,25 @@ def read_json(path: str | os.PathLike):
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8", errors="backslashreplace")
     return Path(path)
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet would run as a formula (OWASP)
+
+
+def spreadsheet_safe(value):
+    """A text cell a spreadsheet would evaluate gets a leading apostrophe, so it stays text."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
 def write_csv(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    """Rows as CSV (UTF-8; a file name that is not valid UTF-8 keeps its bytes as backslash
+    escapes), with cells a spreadsheet would run as formulas neutralised."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: spreadsheet_safe(v) for k, v in row.items()} for row in rows)
     return Path(path)
 
 

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from collections.abc import Callable
 
 import torch
@@ -38,15 +40,63 @@ def names() -> list[str]:
 
 
 def create(name: str, image_size: int = 28, **args) -> nn.Module:
-    """Build a registered model; `args` override its defaults and are checked against LIMITS first,
-    so a corrupt run file cannot ask for a network of many gigabytes."""
+    """Build a registered model; `args` override its defaults. They are checked against LIMITS, and
+    the network is first built on PyTorch's meta device (shapes only, no memory) and refused if it
+    has more than MAX_PARAMETERS, so a corrupt run file cannot ask for a network of gigabytes."""
+    footprint(name, image_size, **args)
+    return _build(name, image_size, args)
+
+
+def _build(name: str, image_size: int, args: dict, device: str | None = None) -> nn.Module:
+    try:
+        with torch.device(device) if device else contextlib.nullcontext():
+            return REGISTRY[name](image_size=image_size, **args)
+    except (TypeError, ValueError, RuntimeError) as exc:  # a bad argument, or shapes that cannot fit
+        raise BloodcellError(f"model {name!r}: bad arguments ({str(exc).splitlines()[0]})") from None
+
+
+def footprint(name: str, image_size: int, activations: bool = False, **args) -> tuple[int, int | None]:
+    """(parameters, values one image's forward pass produces if `activations`), measured on the
+    meta device; a network over MAX_PARAMETERS, or with arguments outside LIMITS, is refused."""
     if name not in REGISTRY:
         raise BloodcellError(f"unknown model {name!r}; choose one of {', '.join(REGISTRY)}")
     check_args({"image_size": image_size, **args})
+    meta = _build(name, image_size, args, device="meta")
+    parameters = parameter_count(meta)
+    if parameters > MAX_PARAMETERS:
+        raise BloodcellError(
+            f"model {name!r} with {args} would have {parameters:,} parameters (limit {MAX_PARAMETERS:,})"
+        )
+    return parameters, activation_elements(meta, image_size) if activations else None
+
+
+def feature_size(name: str, image_size: int, **args) -> int:
+    """How many features the network's head reads (the input of its last linear layer)."""
+    meta = _build(name, image_size, args, device="meta")
+    linears = [m for m in meta.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].in_features if linears else 0
+
+
+def activation_elements(model: nn.Module, image_size: int) -> int:
+    """How many values one image's forward pass produces, summed over every layer (on the meta
+    device: no memory, no arithmetic); a bound on what inference holds per image."""
+    total = 0
+
+    def count(_module, _inputs, output) -> None:
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel()
+
+    meta = copy.deepcopy(model).to("meta")
+    leaves = [m for m in meta.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
     try:
-        return REGISTRY[name](image_size=image_size, **args)
-    except TypeError as exc:
-        raise BloodcellError(f"model {name!r}: bad arguments ({exc})") from None
+        with torch.no_grad():
+            meta.eval()(torch.empty(1, 3, image_size, image_size, device="meta"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
 
 
 # Bounds on every architecture argument: generous for real use, far below what exhausts memory.
@@ -61,6 +111,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "dropout": (0.0, 0.99),
 }
 MAX_STAGES = 6
+MAX_PARAMETERS = 50_000_000  # 200 MB of float32 weights; the largest registry entry has 3.4 M
 
 
 def check_args(args: dict) -> None:

@@ -14,6 +14,8 @@ command that loads a run feeds it images the way it was trained, without being t
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import math
 import shutil
 from dataclasses import asdict, dataclass, field, replace
@@ -23,7 +25,7 @@ import torch
 
 from bloodcell import __version__, models
 from bloodcell.errors import BloodcellError
-from bloodcell.files import load_tensors, read_json, save_tensors, write_json
+from bloodcell.files import check_writable, load_tensors, printable, read_json, save_tensors, write_json
 
 SCHEMA_VERSION = 2  # 1: the first release's model.json (no "schema" key, "normalize" at the top)
 MODEL_WEIGHTS = "model.safetensors"
@@ -36,6 +38,12 @@ CHECKPOINT = "checkpoint"
 MEDMNIST_CROP = 200 / 360  # crop side / short side of the PBC images: how BloodMNIST framed them
 PACKAGED_RUN = Path(__file__).parent / "packaged" / "default"  # the recommended model, shipped in the wheel
 RUN_FILES = (MODEL_WEIGHTS, MODEL_META, OOD_WEIGHTS, ONNX, "model.md", METRICS, HISTORY, CHECKPOINT)
+# Every other file a bloodcell command writes into a run folder: figures, reports, tables.
+RUN_PATTERNS = (
+    "confusion_*.png", "reliability_*.png", "learning_curves.png", "robustness.png", "robustness.json",
+    "report.html", "lab_images.csv", "MODEL_CARD.md", "PROVENANCE.json", ".*.tmp",
+)  # fmt: skip
+CHECKPOINT_PATTERNS = ("state.json", "state-*.safetensors", ".*.tmp")
 
 
 @dataclass(frozen=True)
@@ -149,7 +157,7 @@ class RunRecord:
                 data=_as_dict(values.get("data", {}), "data", source),
                 metrics=_as_dict(values.get("metrics", {}), "metrics", source),
                 train_seconds=values.get("train_seconds"),
-                warnings=tuple(values.get("warnings", ())),
+                warnings=_strings(values.get("warnings", []), "warnings", source),
                 bloodcell_version=str(values.get("bloodcell_version", "unknown")),
                 schema=SCHEMA_VERSION,
             )
@@ -164,10 +172,15 @@ class RunRecord:
         """Refuse values that would crash later or silently give wrong probabilities."""
         if self.arch not in models.names():
             raise BloodcellError(f"{source}: unknown architecture {self.arch!r}")
+        if not all(isinstance(c, str) and c and len(c) <= 64 and c.isprintable() for c in self.classes):
+            raise BloodcellError(f"{source}: class names must be printable strings of 1 to 64 characters")
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
             raise BloodcellError(f"{source}: classes must be at least two distinct names")
-        if not all(isinstance(c, str) and c for c in self.classes):
-            raise BloodcellError(f"{source}: class names must be non-empty strings")
+        if not all(isinstance(w, str) for w in self.warnings):
+            raise BloodcellError(f"{source}: warnings must be a list of strings")
+        reserved = sorted({"image_size", "num_classes", "name"} & set(self.arch_args))
+        if reserved:
+            raise BloodcellError(f"{source}: arch_args may not set {', '.join(reserved)} (they come from the record)")
         p = self.preprocessing
         if not _is_int(p.image_size) or not 8 <= p.image_size <= 1024:
             raise BloodcellError(f"{source}: image_size must be a whole number from 8 to 1024, got {p.image_size!r}")
@@ -194,7 +207,10 @@ class RunRecord:
             raise BloodcellError(f"{source}: temperature must be a positive number, got {self.temperature!r}")
         if self.ood_threshold is not None and not (_is_finite(self.ood_threshold) and self.ood_threshold > 0):
             raise BloodcellError(f"{source}: ood_threshold must be a positive number, got {self.ood_threshold!r}")
-        models.check_args(self.arch_args)
+        try:  # bounded arguments, and a network of bounded size: built on the meta device, no memory
+            models.footprint(self.arch, p.image_size, num_classes=len(self.classes), **self.arch_args)
+        except BloodcellError as exc:
+            raise BloodcellError(f"{source}: {exc}") from None
 
     def describe(self) -> str:
         """What `bloodcell info RUN` prints: the model, what it was trained on, its headline scores."""
@@ -225,6 +241,12 @@ class RunRecord:
 
     def with_temperature(self, temperature: float) -> RunRecord:
         return replace(self, temperature=float(temperature))
+
+
+def _strings(values, name: str, source) -> tuple[str, ...]:
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+        raise BloodcellError(f"{source}: {name} must be a list of strings, got {type(values).__name__}")
+    return tuple(values)
 
 
 def _tuple(values):
@@ -263,10 +285,31 @@ def is_run_dir(path: str | Path) -> bool:
     return (Path(path) / MODEL_META).is_file() and (Path(path) / MODEL_WEIGHTS).is_file()
 
 
+def digest(run_dir: str | Path) -> str:
+    """SHA-256 of the run's weights and record: two outputs with the same digest came from one model."""
+    hasher = hashlib.sha256()
+    for name in (MODEL_WEIGHTS, MODEL_META):
+        with open(Path(run_dir) / name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def looks_like_run(path: str | Path) -> bool:
+    """A folder holding any file only a run has: a finished run, or a damaged or unfinished one."""
+    path = Path(path)
+    return path.is_dir() and any(
+        (path / name).exists() for name in (MODEL_META, MODEL_WEIGHTS, OOD_WEIGHTS, CHECKPOINT)
+    )
+
+
 def read_record(run_dir: str | Path) -> RunRecord:
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
-        raise BloodcellError(f"{run_dir}: not a bloodcell run directory (no {MODEL_META} / {MODEL_WEIGHTS})")
+        missing = [name for name in (MODEL_META, MODEL_WEIGHTS) if not (run_dir / name).is_file()]
+        if looks_like_run(run_dir):
+            raise BloodcellError(f"{printable(run_dir)}: a damaged or unfinished run (no {' or '.join(missing)})")
+        raise BloodcellError(f"{printable(run_dir)}: not a bloodcell run directory (no {MODEL_META} / {MODEL_WEIGHTS})")
     return RunRecord.from_json(read_json(run_dir / MODEL_META), run_dir / MODEL_META)
 
 
@@ -281,13 +324,21 @@ def read_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
 
 
 def read_ood(run_dir: str | Path, record: RunRecord) -> dict[str, torch.Tensor] | None:
-    """The out-of-distribution model's tensors, if the record has a threshold (checked for NaN)."""
+    """The out-of-distribution model's tensors, if the record has a threshold: finite, and shaped
+    for this network (class centres of its feature size, a square precision matrix)."""
     if record.ood_threshold is None:
         return None
     path = Path(run_dir) / OOD_WEIGHTS
     tensors = load_tensors(path)
     if {"means", "precision", "threshold"} - set(tensors) or not all(torch.isfinite(t).all() for t in tensors.values()):
         raise BloodcellError(f"{path}: not a valid out-of-distribution model (missing or non-finite values)")
+    means, precision, threshold = tensors["means"], tensors["precision"], tensors["threshold"]
+    features = models.feature_size(record.arch, record.image_size, num_classes=len(record.classes), **record.arch_args)
+    if means.ndim != 2 or not 1 <= len(means) <= len(record.classes) or means.shape[1] != features:
+        raise BloodcellError(f"{path}: class centres of shape {tuple(means.shape)} do not fit this network's "
+                             f"{features} features and {len(record.classes)} classes")  # fmt: skip
+    if tuple(precision.shape) != (features, features) or threshold.numel() != 1:
+        raise BloodcellError(f"{path}: precision of shape {tuple(precision.shape)} does not fit {features} features")
     return tensors
 
 
@@ -308,37 +359,78 @@ def check_run_dir(path: str | Path, overwrite: bool = False, resume: bool = Fals
     """Refuse, touching nothing, what `prepare_run_dir` would refuse (so the CLI can fail before
     loading or downloading any data)."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise BloodcellError(f"{path}: exists and is not a folder")
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise BloodcellError(f"{printable(path)}: exists and is not a folder")
     if resume:
         if not is_run_dir(path) and not (path / CHECKPOINT / "state.json").is_file():
-            raise BloodcellError(f"{path}: nothing to resume (no {CHECKPOINT}/state.json); drop --resume to start")
+            raise BloodcellError(f"{printable(path)}: nothing to resume (no {CHECKPOINT}/state.json); drop --resume")
         return
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
-            raise BloodcellError(f"{path}: run directory exists and is not empty; use --overwrite or --resume")
-        foreign = sorted(p.name for p in path.iterdir() if not _belongs_to_run(p))
+            raise BloodcellError(
+                f"{printable(path)}: run directory exists and is not empty; use --overwrite or --resume"
+            )
+        if not _marked_as_run(path):
+            raise BloodcellError(
+                f"{printable(path)}: not a bloodcell run (no readable {MODEL_META} or {CHECKPOINT}/state.json); "
+                "refusing to delete it"
+            )
+        foreign = _foreign_entries(path)
         if foreign:
-            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-            raise BloodcellError(f"{path}: not a bloodcell run (holds {shown}); refusing to delete it")
+            shown = ", ".join(printable(p.relative_to(path)) for p in foreign[:3]) + (
+                ", ..." if len(foreign) > 3 else ""
+            )
+            raise BloodcellError(
+                f"{printable(path)}: holds files bloodcell did not write ({shown}); refusing to delete it"
+            )
+    check_writable(path / MODEL_META)
 
 
 def prepare_run_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
     """Create a run directory, refusing to touch anything the user did not ask to replace.
 
     `resume` needs a checkpoint to continue from; `overwrite` replaces only a bloodcell run (or a
-    started one, holding just its checkpoint), never a folder of other files.
+    started one, holding its checkpoint) whose every file is one bloodcell writes, never a folder
+    holding anything else.
     """
     path = Path(path)
     check_run_dir(path, overwrite, resume)
-    if not resume and path.is_dir() and any(path.iterdir()):
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        if not resume and path.is_dir() and any(path.iterdir()):
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BloodcellError(f"{printable(path)}: cannot prepare the run folder ({exc.strerror or exc})") from None
     return path
 
 
-def _belongs_to_run(entry: Path) -> bool:
-    """Files a run writes: its fixed files, figures and reports, and atomic-write leftovers."""
-    if entry.name in RUN_FILES:
-        return True
-    return entry.is_file() and (entry.suffix in (".png", ".html") or entry.name.endswith(".tmp"))
+def _marked_as_run(path: Path) -> bool:
+    """The folder carries a record or a checkpoint that reads as bloodcell's (names alone are not enough)."""
+    for marker, required in (
+        (path / MODEL_META, {"arch", "classes"}),
+        (path / CHECKPOINT / "state.json", {"epoch", "tensors", "config"}),
+    ):
+        try:
+            values = read_json(marker) if marker.is_file() else None
+        except BloodcellError:
+            continue
+        if isinstance(values, dict) and required <= set(values):
+            return True
+    return False
+
+
+def _foreign_entries(path: Path) -> list[Path]:
+    """Entries of a run folder that no bloodcell command writes there."""
+
+    def ours(entry: Path, names: tuple[str, ...], patterns: tuple[str, ...]) -> bool:
+        if entry.is_symlink():
+            return False
+        if entry.name in names:
+            return entry.is_file() or (entry.name == CHECKPOINT and entry.is_dir())
+        return entry.is_file() and any(fnmatch.fnmatchcase(entry.name, p) for p in patterns)
+
+    foreign = [e for e in sorted(path.iterdir()) if not ours(e, RUN_FILES, RUN_PATTERNS)]
+    checkpoint = path / CHECKPOINT
+    if checkpoint.is_dir() and not checkpoint.is_symlink():
+        foreign += [e for e in sorted(checkpoint.iterdir()) if not ours(e, (), CHECKPOINT_PATTERNS)]
+    return foreign

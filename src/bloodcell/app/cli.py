@@ -207,16 +207,34 @@ def _run_or_packaged(args: argparse.Namespace, inputs: str) -> tuple[str, ...]:
 
     paths = getattr(args, inputs)
     if args.run_dir is not None and not runs.is_run_dir(args.run_dir):
+        if runs.looks_like_run(args.run_dir):
+            runs.read_record(args.run_dir)  # a damaged run: one line saying what is missing, never another model
         if not Path(args.run_dir).exists():
-            raise BloodcellError(f"{args.run_dir}: no such run directory, image file or folder")
+            raise BloodcellError(f"{printable(args.run_dir)}: no such run directory, image file or folder")
         paths.insert(0, args.run_dir)
         args.run_dir = None
     for path in paths:
-        if runs.is_run_dir(path):
-            raise BloodcellError(f"{path} is a run directory; name it first, then the images: RUN IMAGES...")
+        if runs.looks_like_run(path):
+            raise BloodcellError(f"{printable(path)} is a run directory; name it first, then the images: RUN IMAGES...")
     if args.run_dir is None:
         return (f"no run named: using the model packaged with bloodcell ({runs.PACKAGED_RUN})",)
     return ()
+
+
+def _writable_folder(folder: Path) -> Path:
+    """A folder outputs go into: refused now, in one line, if files could not be written there."""
+    from bloodcell.files import check_writable
+
+    if folder.exists() and not folder.is_dir():
+        raise BloodcellError(f"{printable(folder)}: exists and is not a folder")
+    check_writable(folder / ".bloodcell-check")
+    return folder
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a whole number from 1 to 65535, not {text!r}")
+    return int(text)
 
 
 def _wrote(paths: Sequence[Path], existed: set[Path] = frozenset()) -> str:
@@ -292,7 +310,7 @@ def cmd_build_data(args: argparse.Namespace) -> Output:
     from bloodcell.datasets.build import build
 
     official = _dataset(args, 28)
-    out = Path(args.out) if args.out else bloodmnist.checked_data_dir(args.data_dir)
+    out = _writable_folder(Path(args.out) if args.out else bloodmnist.checked_data_dir(args.data_dir))
     summary = build(Path(args.pbc_dir), official, tuple(args.size), out, partial=args.partial, progress=not args.json)
     lines = [
         f"{summary['files']} source images, {summary['filled']} of {summary['slots']} official images found "
@@ -498,7 +516,7 @@ def cmd_evaluate(args: argparse.Namespace) -> Output:
     from bloodcell.reporting.figures import write_figures
 
     classifier = _classifier(args)
-    folder = Path(args.out or args.run_dir)
+    folder = _writable_folder(Path(args.out or args.run_dir))
     existed = set(folder.glob("*.png")) if folder.is_dir() else set()
     if args.images:
         return _evaluate_folder(classifier, args, folder, existed)
@@ -527,6 +545,10 @@ def _evaluate_folder(classifier, args: argparse.Namespace, folder: Path, existed
 
     files, labels, counts = labelled_folders(args.images, classifier.classes)
     records = classifier.predict_files(files, _prediction_options(args), progress=not args.json)
+    unreadable = sum(r["error"] is not None for r in records)
+    if unreadable == len(records):
+        reasons = sorted({r["error"] for r in records})
+        raise BloodcellError(f"none of the {len(records)} images could be read ({'; '.join(reasons[:2])})")
     result = score_records(records, labels, classifier.classes, counts)
     present = [classifier.classes.index(c) for c in result["classes_present"]]
     matrix = [result["confusion_matrix"][k] for k in present]
@@ -544,7 +566,8 @@ def _evaluate_folder(classifier, args: argparse.Namespace, folder: Path, existed
         "answerable": list(classifier.answerable),
         "warnings": list(classifier.record.warnings),
     }
-    return Output(data, text, warnings=classifier.record.warnings)
+    failed = (f"{unreadable} of {len(records)} images could not be read: scored as wrong",) if unreadable else ()
+    return Output(data, text, warnings=classifier.record.warnings + failed)
 
 
 @command(
@@ -568,6 +591,7 @@ def cmd_robustness(args: argparse.Namespace) -> Output:
     if unknown:
         raise BloodcellError(f"unknown corruption family {unknown}; choose from {', '.join(robustness.FAMILIES)}")
     classifier = _classifier(args)
+    folder = _writable_folder(Path(args.out or args.run_dir))
     split = _dataset(args, classifier.image_size).split(args.split)
     if args.limit:
         split = stratified_subset(split, args.limit, args.seed)
@@ -576,7 +600,6 @@ def cmd_robustness(args: argparse.Namespace) -> Output:
         classifier, split.images, split.labels, families, args.seed, progress=not args.json
     )
     result |= {"split": args.split, "n": len(split), "seed": args.seed}
-    folder = Path(args.out or args.run_dir)
     written = [write_json(folder / "robustness.json", result), plots.robustness(result, folder / "robustness.png")]
     lines = [f"{'family':<18}" + "".join(f"{f'sev {s}':>8}" for s in range(1, 6))]
     lines += [f"{name:<18}" + "".join(f"{v:>8.4f}" for v in values) for name, values in result["accuracy"].items()]
@@ -652,9 +675,10 @@ def _headline_lines(scores: dict) -> list[str]:
 )
 def cmd_export(args: argparse.Namespace) -> Output:
     from bloodcell import runs
+    from bloodcell.files import check_writable
     from bloodcell.inference.export import export_onnx
 
-    out = Path(args.out or Path(args.run_dir) / runs.ONNX)
+    out = check_writable(Path(args.out or Path(args.run_dir) / runs.ONNX))
     runs.read_record(args.run_dir)  # a clear error for a folder that is not a run, before importing onnx
     result = export_onnx(Path(args.run_dir), out)
     text = f"wrote {printable(result['onnx'])} (opset {result['opset']}, {result['bytes'] / 1e6:.1f} MB)\n"
@@ -697,26 +721,30 @@ def _predict_arguments() -> list[Arg]:
     "classified, 3 some files could not be read (error rows), 4 none could, 1 other errors.",
 )
 def cmd_predict(args: argparse.Namespace) -> Output:
-    from bloodcell.files import write_csv
+    from bloodcell import runs
+    from bloodcell.files import check_writable, write_csv
     from bloodcell.images import decode
     from bloodcell.inference.differential import differential, format_differential
 
     shard = _parse_shard(args.shard) if args.shard else None
+    if args.csv:
+        check_writable(args.csv)  # before the work, not after it
     note = _run_or_packaged(args, "paths")
     classifier = _classifier(args)
-    files = decode.find_images(args.paths)
+    options = _prediction_options(args)
+    problems: list[str] = []
+    files = decode.find_images(args.paths, problems)
     if not files:
-        raise BloodcellError(f"no image files found in {' '.join(args.paths)}")
+        raise BloodcellError(f"no image files found in {' '.join(map(printable, args.paths))}")
     total = len(files)
+    listing = sorted(files, key=str)
     if shard:
-        files = sorted(files, key=str)[shard[0] - 1 :: shard[1]]
-    records = classifier.predict_files(files, _prediction_options(args), progress=not args.json)
+        files = listing[shard[0] - 1 :: shard[1]]
+    records = classifier.predict_files(files, options, progress=not args.json)
     summary = differential(records, classifier.classes)
-    if args.csv:
-        write_csv(Path(args.csv), [_csv_row(r) for r in records])
     lines = [_prediction_line(r) for r in records] + ["", _answering(classifier) + format_differential(summary)]
     exit_code = EXIT_NONE_CLASSIFIED if summary["classified"] == 0 else EXIT_SOME_FAILED if summary["failed"] else 0
-    warnings = note + classifier.record.warnings
+    warnings = note + classifier.record.warnings + tuple(problems)
     data = {
         "records": records,
         "summary": summary,
@@ -725,8 +753,39 @@ def cmd_predict(args: argparse.Namespace) -> Output:
         "answerable": list(classifier.answerable),
     }
     if shard:
-        data["shard"] = {"index": shard[0], "of": shard[1], "files_in_all_shards": total}
-    return Output(data, "\n".join(lines), exit_code, warnings=warnings)
+        data["shard"] = {
+            "index": shard[0],
+            "of": shard[1],
+            "files_in_all_shards": total,
+            "listing_sha256": _listing_digest(listing),
+            "run_sha256": runs.digest(args.run_dir or runs.PACKAGED_RUN),
+            "options": _shard_options(args, options),
+        }
+    error = _write_or_say(lambda: write_csv(Path(args.csv), [_csv_row(r) for r in records])) if args.csv else None
+    return Output(data, "\n".join(lines), EXIT_ERROR if error else exit_code, error=error, warnings=warnings)
+
+
+def _write_or_say(write) -> str | None:
+    """Write an output file; a failure becomes the command's error line, after its results print."""
+    try:
+        write()
+    except BloodcellError as exc:
+        return str(exc)
+    return None
+
+
+def _listing_digest(files: list[Path]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(map(str, files)).encode("utf-8", "backslashreplace")).hexdigest()
+
+
+def _shard_options(args: argparse.Namespace, options) -> dict:
+    """What decides a shard's answers besides the run and the files: merged parts must agree on it."""
+    from dataclasses import asdict
+
+    chosen = {k: v for k, v in asdict(options).items() if k not in ("batch_size", "workers")}
+    return chosen | {"classes": args.classes, "backend": args.backend, "precision": args.precision}
 
 
 def _parse_shard(spec: str) -> tuple[int, int]:
@@ -746,32 +805,48 @@ def _parse_shard(spec: str) -> tuple[int, int]:
     arg("--csv", help="also write one row per image to this CSV file"),
 )
 def cmd_merge(args: argparse.Namespace) -> Output:
-    from bloodcell.files import read_json, write_csv
+    from bloodcell.files import check_writable, read_json, write_csv
     from bloodcell.inference.differential import differential, format_differential
 
+    if args.csv:
+        check_writable(args.csv)
     parts = [read_json(p) for p in args.parts]
+    identity = ("of", "files_in_all_shards", "listing_sha256", "run_sha256", "options")
     for path, part in zip(args.parts, parts):
-        if not isinstance(part, dict) or "records" not in part or "shard" not in part or "classes" not in part:
-            raise BloodcellError(f"{path}: not the --json output of `bloodcell predict --shard I/N`")
-    counts = {part["shard"]["of"] for part in parts}
-    classes = {tuple(part["classes"]) for part in parts}
+        shard = part.get("shard") if isinstance(part, dict) else None
+        if not isinstance(shard, dict) or not isinstance(part.get("records"), list) or "classes" not in part:
+            raise BloodcellError(f"{printable(path)}: not the --json output of `bloodcell predict --shard I/N`")
+        if set(identity) - set(shard):
+            raise BloodcellError(f"{printable(path)}: made by an older bloodcell (no run or listing digest); rerun it")
+        of, index = shard["of"], shard["index"]
+        if not (isinstance(of, int) and isinstance(index, int) and 1 <= index <= of):
+            raise BloodcellError(f"{printable(path)}: part {index!r} of {of!r} is not a part of a sharding")
+    first = parts[0]["shard"]
+    for path, part in zip(args.parts[1:], parts[1:]):
+        differs = [key for key in identity if part["shard"][key] != first[key]] + (
+            ["classes"] if part["classes"] != parts[0]["classes"] else []
+        )
+        if differs:
+            raise BloodcellError(
+                f"{printable(path)}: not a part of the same job as {printable(args.parts[0])} "
+                f"(different {', '.join(differs)}); merge the parts of one predict --shard job only"
+            )
     indices = sorted(part["shard"]["index"] for part in parts)
-    if len(counts) != 1 or len(classes) != 1:
-        raise BloodcellError("the parts come from different shardings or models; merge parts of one run only")
     if indices != sorted(set(indices)):
         raise BloodcellError(f"a part is given twice (parts {indices})")
-    of = counts.pop()
+    of = first["of"]
     missing = sorted(set(range(1, of + 1)) - set(indices))
     records = sorted((r for part in parts for r in part["records"]), key=lambda r: r["path"])
-    summary = differential(records, list(classes.pop()))
-    if args.csv:
-        write_csv(Path(args.csv), [_csv_row(r) for r in records])
+    summary = differential(records, list(parts[0]["classes"]))
     warnings = (
         (f"parts {missing} of {of} are missing: the count covers {len(indices)} of {of} parts",) if missing else ()
     )
     exit_code = EXIT_NONE_CLASSIFIED if summary["classified"] == 0 else EXIT_SOME_FAILED if summary["failed"] else 0
     data = {"records": records, "summary": summary, "parts": indices, "of": of, "missing_parts": missing}
-    return Output(data, format_differential(summary), exit_code, warnings=warnings)
+    error = _write_or_say(lambda: write_csv(Path(args.csv), [_csv_row(r) for r in records])) if args.csv else None
+    return Output(
+        data, format_differential(summary), EXIT_ERROR if error else exit_code, error=error, warnings=warnings
+    )
 
 
 def _prediction_line(record: dict) -> str:
@@ -795,7 +870,15 @@ def _serve_arguments() -> list[Arg]:
     return [
         PACKAGED_OR_RUN,
         arg("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1, this machine only)"),
-        arg("--port", type=int, default=8000, help="port (default 8000)"),
+        arg("--port", type=_port, default=8000, help="port (default 8000)"),
+        arg(
+            "--allow-host",
+            action="append",
+            default=[],
+            metavar="NAME",
+            help="also answer requests whose Host header names NAME (a DNS name of this machine); by default only "
+            "the address it listens on (and, on loopback, localhost) is accepted, which stops DNS-rebinding pages",
+        ),
         arg(
             "--token",
             help="require 'Authorization: Bearer TOKEN' on the API (default: $BLOODCELL_TOKEN); needed for any "
@@ -821,7 +904,14 @@ def cmd_serve(args: argparse.Namespace) -> Output:
     if args.run_dir is None:
         args.paths = []
         print(_run_or_packaged(args, "paths")[0], file=sys.stderr)  # before the server's own log lines
-    serve(_classifier(args), _prediction_options(args), args.host, args.port, token=args.token)
+    serve(
+        _classifier(args),
+        _prediction_options(args),
+        args.host,
+        args.port,
+        token=args.token,
+        allowed_hosts=tuple(args.allow_host),
+    )
     return Output({}, "")
 
 
@@ -847,7 +937,7 @@ def cmd_explain(args: argparse.Namespace) -> Output:
 
     note = _run_or_packaged(args, "images")
     classifier = _classifier(args)
-    out = Path(args.out)
+    out = _writable_folder(Path(args.out))
     written = []
     for path in decode.find_images(args.images):
         written.append(explain.explain_file(classifier, path, out, args.class_name, args.crop, taken=written))
@@ -875,10 +965,11 @@ def cmd_explain(args: argparse.Namespace) -> Output:
     DATA,
 )
 def cmd_report(args: argparse.Namespace) -> Output:
+    from bloodcell.files import check_writable
     from bloodcell.reporting import report
 
     run_dir = Path(args.run_dir)
-    out = Path(args.out or run_dir / "report.html")
+    out = check_writable(Path(args.out or run_dir / "report.html"))
     if (run_dir / "results.json").is_file():
         from bloodcell.research.study import study_report
 

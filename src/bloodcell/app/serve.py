@@ -58,6 +58,9 @@ class ServeLimits:
     max_active: int = 4  # requests being read and classified at once
     max_waiting: int = 32  # requests waiting for a turn; more get 503
     read_timeout: float = 15.0  # seconds without a byte of the body: 408
+    body_timeout: float = 120.0  # seconds for a whole body to arrive, however it trickles: 408
+    max_buffered_bytes: int = 512 * 2**20  # bodies being received, all requests together; more: 503
+    max_head_bytes: int = 16 * 2**10  # request line and headers of one request; more: 431
     header_timeout: float = 10.0  # seconds for a new connection to send its first request
     max_pending_connections: int = 256  # connections without a request yet; the oldest are dropped
 
@@ -76,8 +79,10 @@ def create_app(
     options: PredictOptions | None = None,
     limits: ServeLimits | None = None,
     token: str | None = None,
+    hosts: frozenset[str] | None = None,
 ):
-    """The ASGI application: FastAPI routes inside the request guard."""
+    """The ASGI application: FastAPI routes inside the request guard. `hosts`: the names a
+    request's Host header may give (None: any); `serve` passes the names it is bound to."""
     try:
         from fastapi import FastAPI, HTTPException, Query, Request
         from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
@@ -142,8 +147,8 @@ def create_app(
         top_k: int = Query(options.top_k, ge=1, le=8),
     ) -> dict:
         """Classify the multipart `files`: one record per file and the differential count."""
+        uploads = await uploads_of(request)  # read before taking a turn: slow uploads hold no slot
         async with admission.turn():
-            uploads = await uploads_of(request)
             request_options = replace(options, tta=tta, min_confidence=min_confidence, top_k=top_k, workers=2)
 
             def classify(named: list[tuple[str, bytes]]) -> list[dict]:
@@ -161,8 +166,8 @@ def create_app(
         from bloodcell.reporting import explain as gradcam
         from bloodcell.reporting import plots
 
+        uploads = await uploads_of(request)
         async with admission.turn():
-            uploads = await uploads_of(request)
             if len(uploads) != 1:
                 raise HTTPException(422, "send exactly one image file to /explain")
             name, content = uploads[0]
@@ -194,7 +199,7 @@ def create_app(
         log.error("internal error on %s: %s", request.url.path, type(exc).__name__)
         return JSONResponse({"detail": "internal error"}, status_code=500)
 
-    return Guard(app, limits, token)
+    return Guard(app, limits, token, hosts)
 
 
 def explanation_class(record: dict, class_name: str | None, classifier: Classifier) -> int:
@@ -274,19 +279,22 @@ class Admission:
 
 
 class Guard:
-    """The ASGI middleware every request passes: token, origin, body limits, read deadline, log."""
+    """The ASGI middleware every request passes: host, token, origin, head and body limits, read
+    deadlines, a bound on the bodies held in memory across all requests, and the log line."""
 
-    def __init__(self, app, limits: ServeLimits, token: str | None):
+    def __init__(self, app, limits: ServeLimits, token: str | None, hosts: frozenset[str] | None = None):
         self.app = app
         self.limits = limits
         self.token = token.encode() if token else None
+        self.hosts = hosts
+        self.buffered = 0  # body bytes received by requests in flight, all together
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        state = {"status": 0, "bytes": 0}
+        state = {"status": 0, "bytes": 0, "started": time.monotonic()}
 
         async def logged_send(message):
             if message["type"] == "http.response.start":
@@ -300,9 +308,12 @@ class Guard:
                 return
             await self.app(scope, self._counting(receive, state), logged_send)
         except _Abort as abort:
-            if state["status"] == 0:
+            if state["status"] == 0 and abort.status != CLIENT_GONE:
                 await _reply(logged_send, abort.status, abort.message)
+            elif abort.status == CLIENT_GONE:
+                state["status"] = CLIENT_GONE
         finally:
+            self.buffered -= state["bytes"]
             client = scope.get("client") or ("", 0)
             line = {
                 "time": round(time.time(), 3),
@@ -316,14 +327,20 @@ class Guard:
             log.info(json.dumps(line))
 
     def _refusal(self, scope, headers: dict) -> tuple[int, str] | None:
+        head = sum(len(k) + len(v) + 4 for k, v in scope["headers"]) + len(scope.get("raw_path") or b"")
+        if head > self.limits.max_head_bytes:
+            return 431, f"request head larger than {self.limits.max_head_bytes // 1024} KB"
+        host = headers.get("host", "")
+        if self.hosts is not None and _host_name(host) not in self.hosts:
+            return 421, "this server does not answer for that host name"
         path = scope["path"]
         public = path in ("/", "/health", "/docs", "/openapi.json") or path.startswith(("/static/", "/docs-assets/"))
         if self.token is not None and not public:
-            given = headers.get("authorization", "").removeprefix("Bearer ").strip().encode()
-            if not hmac.compare_digest(given, self.token):
+            scheme, _, given = headers.get("authorization", "").strip().partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
                 return 401, "a token is required: Authorization: Bearer <token>"
         origin = headers.get("origin")
-        if scope["method"] == "POST" and origin and origin.split("://", 1)[-1] != headers.get("host", ""):
+        if scope["method"] == "POST" and origin and origin.split("://", 1)[-1] != host:
             return 403, "cross-origin requests are not allowed"
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limits.max_request_bytes):
@@ -331,19 +348,56 @@ class Guard:
         return None
 
     def _counting(self, receive, state: dict):
-        """`receive` that counts the body as it arrives and gives up on a client that stalls."""
+        """`receive` that counts the body as it arrives, gives up on a client that stalls or
+        trickles, keeps all bodies in flight under one memory budget, and notices a client that left."""
+        limits = self.limits
 
         async def counted():
+            if state.get("body_done"):  # the body is in: a response may listen for the client leaving
+                return await receive()
+            left = limits.body_timeout - (time.monotonic() - state["started"])
             try:
-                message = await asyncio.wait_for(receive(), self.limits.read_timeout)
+                message = await asyncio.wait_for(receive(), max(0.0, min(limits.read_timeout, left)))
             except asyncio.TimeoutError:
-                raise _Abort(408, f"no data for {self.limits.read_timeout:.0f} s") from None
-            state["bytes"] += len(message.get("body", b""))
-            if state["bytes"] > self.limits.max_request_bytes:
-                raise _Abort(413, f"request larger than {self.limits.max_request_bytes // 2**20} MB")
+                if left <= limits.read_timeout:
+                    raise _Abort(408, f"the body took longer than {limits.body_timeout:.0f} s") from None
+                raise _Abort(408, f"no data for {limits.read_timeout:.0f} s") from None
+            if message["type"] == "http.disconnect":
+                raise _Abort(CLIENT_GONE, "the client closed the connection")
+            state["body_done"] = not message.get("more_body", False)
+            size = len(message.get("body", b""))
+            state["bytes"] += size
+            self.buffered += size
+            if state["bytes"] > limits.max_request_bytes:
+                raise _Abort(413, f"request larger than {limits.max_request_bytes // 2**20} MB")
+            if self.buffered > limits.max_buffered_bytes:
+                raise _Abort(503, "busy: too many uploads in progress; try again")
             return message
 
         return counted
+
+
+CLIENT_GONE = 499  # logged for a client that closed the connection mid-request (nothing is sent)
+
+
+def _host_name(host: str) -> str:
+    """'127.0.0.1:8000' -> '127.0.0.1'; '[::1]:8000' -> '::1'; 'Example.org' -> 'example.org'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def bound_names(host: str) -> frozenset[str] | None:
+    """The Host names a server bound to `host` answers for. On loopback, where no token is needed,
+    only the loopback names (a page elsewhere that points a DNS name at 127.0.0.1 is refused);
+    bound to every interface, any name (the token guards it)."""
+    if host in ("0.0.0.0", "::", ""):
+        return None
+    names = {host.lower()}
+    if is_loopback(host):
+        names |= {"localhost", "127.0.0.1", "::1"}
+    return frozenset(names)
 
 
 class _Abort(Exception):
@@ -394,6 +448,19 @@ def guarded_protocol(limits: ServeLimits):
     return GuardedH11Protocol
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """One line now, instead of uvicorn's log and exit, when the address cannot be listened on."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise BloodcellError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+
+
 def serve(
     classifier: Classifier,
     options: PredictOptions,
@@ -401,8 +468,10 @@ def serve(
     port: int = 8000,
     token: str | None = None,
     limits: ServeLimits | None = None,
+    allowed_hosts: tuple[str, ...] = (),
 ) -> None:
-    """Run the server with uvicorn until interrupted (SIGTERM: in-flight requests finish first)."""
+    """Run the server with uvicorn until interrupted (SIGTERM: in-flight requests finish first).
+    Requests must name this server in their Host header (`bound_names`, plus `allowed_hosts`)."""
     try:
         import uvicorn
     except ImportError:
@@ -414,9 +483,13 @@ def serve(
             "clients then send 'Authorization: Bearer <token>'"
         )
     limits = limits or ServeLimits()
+    hosts = bound_names(host)
+    if allowed_hosts:
+        hosts = (hosts or frozenset()) | {_host_name(h) for h in allowed_hosts}
+    _check_port_free(host, port)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = uvicorn.Config(
-        create_app(classifier, options, limits, token),
+        create_app(classifier, options, limits, token, hosts),
         host=host,
         port=port,
         http=guarded_protocol(limits),

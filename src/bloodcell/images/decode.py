@@ -8,15 +8,21 @@ header before decoding, and every failure is an `ImageError` with a short reason
 from __future__ import annotations
 
 import io
+import os
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from bloodcell.errors import BloodcellError
+from bloodcell.files import printable
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+# The formats a cell image comes in. Pillow can open many more (EPS through Ghostscript, say); an
+# upload or a file in a folder of any other format is refused before a decoder sees it.
+FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
 # One limit on every path, checked from the header before decoding: a cell image is well under a
 # megapixel and a whole microscope field a few; 16.8 Mpx (4096 x 4096) decodes to 48 MB of RGB.
 MAX_PIXELS = 4096 * 4096
@@ -63,7 +69,7 @@ def open_image(source: ImageSource) -> Image.Image:
             handle = path
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(handle) as image:
+            with Image.open(handle, formats=FORMATS) as image:
                 return _checked(image, loaded=False)
     except ImageError:
         raise
@@ -74,7 +80,7 @@ def open_image(source: ImageSource) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"image too large, possible decompression bomb ({exc})") from None
     except UnidentifiedImageError:
-        raise ImageError("not an image file PIL can read") from None
+        raise ImageError("not an image file bloodcell reads (JPEG, PNG, BMP, TIFF, WebP or GIF)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"cannot decode image ({exc})") from None
 
@@ -98,12 +104,45 @@ def _from_array(array: np.ndarray) -> Image.Image:
     raise ImageError(f"arrays must be uint8 (H, W), (H, W, 3) or (H, W, 4), got {array.dtype} {array.shape}")
 
 
-def find_images(paths: list[str | Path]) -> list[Path]:
-    """Expand folders recursively (image suffixes only); files named explicitly are kept as given."""
+def _can_enter(entry: Path) -> bool:
+    """Whether a folder's entries can be reached (a folder without execute permission lists its
+    names but opens none of them)."""
+    try:
+        entry.lstat()
+    except PermissionError:
+        return False
+    except OSError:
+        return True  # gone meanwhile, or some other trouble: the file's own error row will say
+    return True
+
+
+def find_images(paths: list[str | Path], problems: list[str] | None = None) -> list[Path]:
+    """Expand folders recursively (image suffixes only, sorted); files named explicitly are kept as
+    given. What a walk cannot use goes to `problems`, one line each: a folder that cannot be read
+    (skipped, the rest is still walked), and per folder the count of files that are not images."""
     found: list[Path] = []
+    problems = problems if problems is not None else []
     for path in map(Path, paths):
-        if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
+        if not path.is_dir():
             found.append(path)
+            continue
+        inside, others = [], Counter()
+
+        def unreadable(error: OSError) -> None:
+            problems.append(f"{printable(error.filename)}: cannot read this folder ({error.strerror}); skipped")
+
+        for root, _, names in os.walk(path, onerror=unreadable):
+            if names and not _can_enter(Path(root) / names[0]):
+                problems.append(f"{printable(root)}: cannot open the files in this folder (permission denied); skipped")
+                continue
+            for name in names:
+                candidate = Path(root) / name
+                if candidate.suffix.lower() in IMAGE_SUFFIXES:
+                    inside.append(candidate)
+                else:
+                    others[candidate.suffix.lower() or "no suffix"] += 1
+        found += sorted(inside)
+        if others:
+            kinds = ", ".join(f"{suffix} {n}" for suffix, n in sorted(others.items()))
+            problems.append(f"{printable(path)}: skipped {sum(others.values())} files that are not images ({kinds})")
     return found

@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from bloodcell import runs
+from bloodcell import models, runs
 from bloodcell.config import knob
 from bloodcell.errors import BloodcellError
 from bloodcell.images import cells, crops, decode
@@ -64,6 +65,7 @@ def options_with(options: PredictOptions | None, overrides: dict) -> PredictOpti
 
 
 EXCLUDED_LOGIT = -1e4  # a class left out by `restricted_to`: probability exactly 0, log-probability finite
+ACTIVATION_BUDGET = 2**30  # bytes: what one inference batch's layer outputs may add up to (float32)
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,16 @@ class Classifier:
     def classes(self) -> tuple[str, ...]:
         return self.record.classes
 
+    @cached_property
+    def batch_limit(self) -> int:
+        """The most images one forward pass may take: a large input size (a run file may ask for up
+        to 1024 px) must not turn a batch into gigabytes of activations."""
+        r = self.record
+        _, elements = models.footprint(
+            r.arch, r.image_size, activations=True, num_classes=len(r.classes), **r.arch_args
+        )
+        return max(1, ACTIVATION_BUDGET // (4 * max(1, elements)))
+
     @property
     def answerable(self) -> tuple[str, ...]:
         """The classes it may answer: the run's, or those it was `restricted_to`."""
@@ -184,6 +196,7 @@ class Classifier:
 
     def logits(self, images: torch.Tensor | np.ndarray, tta: bool = False, batch_size: int = 1024) -> torch.Tensor:
         """Uncalibrated logits, (N, classes) float32."""
+        batch_size = min(batch_size, self.batch_limit)
         if isinstance(self.model, network.OnnxNetwork):
             return self.masked(self.model.logits(self.as_uint8_nchw(images), batch_size, tta))
         p = self.record.preprocessing
@@ -204,6 +217,7 @@ class Classifier:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (as `logits` gives them) and the pooled features the head reads, which the
         out-of-distribution model and fine-tuning's refit score."""
+        batch_size = min(batch_size, self.batch_limit)
         images = self.as_uint8_nchw(images)
         if isinstance(self.model, network.OnnxNetwork):
             logits, features = self.model.logits(images, batch_size, tta, features=True)

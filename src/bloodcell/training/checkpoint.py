@@ -90,10 +90,14 @@ def load(folder: Path, epochs: int) -> TrainingState:
         raise BloodcellError(f"{path}: tensors file {name!r} is not a checkpoint file in this folder")
     if not isinstance(epoch, int) or not 1 <= epoch <= epochs or len(meta["history"]) != epoch:
         raise BloodcellError(f"{path}: epoch {epoch!r} does not fit a run of {epochs} epochs")
+    _check_json_parts(path, meta)
     tensors = load_tensors(folder / name)
     missing = [k for k in ("rng.generator", "rng.torch") if k not in tensors]
     if missing or not any(k.startswith("model.") for k in tensors):
         raise BloodcellError(f"{folder / name}: not a bloodcell checkpoint (no model or RNG state)")
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise BloodcellError(f"{folder / name}: {bad[0]} has NaN or infinite values; the checkpoint cannot be resumed")
     return TrainingState(
         epoch=epoch,
         config=meta["config"],
@@ -107,6 +111,47 @@ def load(folder: Path, epochs: int) -> TrainingState:
         ema=_strip("ema", tensors) or None,
         best_weights=_strip("best", tensors) or None,
     )
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_json_parts(path: Path, meta: dict) -> None:
+    """The JSON half of a checkpoint, checked before any work: an edited history, early-stopping
+    record or scheduler must fail here, not after an epoch of training."""
+    history, best, config = meta["history"], meta["best"], meta["config"]
+    for i, row in enumerate(history if isinstance(history, list) else [None]):
+        if not isinstance(row, dict) or row.get("epoch") != i + 1:
+            raise BloodcellError(f"{path}: history row {i + 1} is not a record of epoch {i + 1}")
+        if not all(_number(v) or v is None for v in row.values()):
+            raise BloodcellError(f"{path}: history row {i + 1} holds a value that is not a number")
+    if not (
+        isinstance(best, dict)
+        and set(best) == {"epoch", "val_loss", "bad_epochs"}
+        and isinstance(best["epoch"], int)
+        and isinstance(best["bad_epochs"], int)
+        and (best["val_loss"] is None or _number(best["val_loss"]))
+    ):
+        raise BloodcellError(f"{path}: the early-stopping record is malformed")
+    if not isinstance(config, dict) or not isinstance(meta["scheduler"], dict):
+        raise BloodcellError(f"{path}: the recipe or the scheduler state is malformed")
+
+
+def same_structure(saved, fresh) -> bool:
+    """Whether a saved state (from JSON) has the shape of a freshly built object's state: the same
+    keys, numbers where it has numbers, lists of the same length."""
+    if isinstance(fresh, dict):
+        return (
+            isinstance(saved, dict)
+            and set(saved) == set(fresh)
+            and all(same_structure(saved[k], v) for k, v in fresh.items())
+        )
+    if isinstance(fresh, (list, tuple)):
+        return isinstance(saved, (list, tuple)) and len(saved) == len(fresh) and all(map(same_structure, saved, fresh))
+    if _number(fresh):
+        return _number(saved)
+    return type(saved) is type(fresh)
 
 
 def _split_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -28,7 +28,7 @@ from bloodcell.inference import network
 from bloodcell.training import checkpoint, distributed, pretrained, sampling
 from bloodcell.training.augment import augment_batch, channel_stats
 from bloodcell.training.checkpoint import TrainingState
-from bloodcell.training.recipe import STUDY_NORMALIZATION, TrainConfig
+from bloodcell.training.recipe import STUDY_NORMALIZATION, TrainConfig, differences
 
 
 @dataclass
@@ -258,10 +258,24 @@ def fit(
         if checkpoint_dir is None:
             raise BloodcellError("resuming needs a checkpoint folder")
         state = checkpoint.load(checkpoint_dir, config.epochs)
-        if TrainConfig.from_dict(state.config) != config:
-            raise BloodcellError(f"{checkpoint_dir}: checkpoint was made with a different training config")
+        saved = TrainConfig.from_dict(state.config) if isinstance(state.config, dict) else None
+        if saved != config:
+            changed = differences(state.config, config.to_dict()) if saved else ["(unreadable)"]
+            raise BloodcellError(
+                f"{checkpoint_dir}: checkpoint was made with a different recipe ({'; '.join(changed[:4])}); "
+                "resume with the recipe it was started with, or train afresh with --overwrite"
+            )
         _restore(state, model, optimizer, scheduler, ema, generator, checkpoint_dir)
         history, best, best_weights, start_epoch = state.history, state.best, state.best_weights, state.epoch
+        steps_done = start_epoch * steps_per_epoch
+        counts = {int(v["step"]) for v in optimizer.state.values() if "step" in v}
+        if scheduler.last_epoch != steps_done or counts - {steps_done}:
+            raise BloodcellError(
+                f"{checkpoint_dir}: the checkpoint's step counts do not match its {start_epoch} epochs "
+                f"({steps_done} steps); it was edited or belongs to another run"
+            )
+        if best["val_loss"] is None:  # JSON has no infinity: an unset record reads back as null
+            best = best | {"val_loss": math.inf}
 
     # epochs: train, validate, save
     last_epoch = config.epochs if stop_after_epochs is None else min(config.epochs, start_epoch + stop_after_epochs)
@@ -413,6 +427,10 @@ class TrainingForward:
 
 def _restore(state: TrainingState, model, optimizer, scheduler, ema, generator, folder: Path) -> None:
     """Put a checkpoint's state into the freshly built training objects; refuse what does not fit."""
+    if not checkpoint.same_structure(state.scheduler, scheduler.state_dict()):
+        raise BloodcellError(f"{folder}: the checkpoint's scheduler state does not fit this recipe's schedule")
+    if not checkpoint.same_structure(state.optimizer["param_groups"], optimizer.state_dict()["param_groups"]):
+        raise BloodcellError(f"{folder}: the checkpoint's optimiser settings do not fit this recipe")
     try:
         model.load_state_dict(state.model)
         optimizer.load_state_dict(state.optimizer)

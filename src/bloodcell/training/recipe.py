@@ -175,6 +175,18 @@ PRESETS: dict[str, TrainConfig] = {
 RECOMMENDED_DISTILL = 0.7  # the distillation weight `train --teacher` uses unless told otherwise
 
 
+def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The settings in which two recipes (as dicts) differ: 'epochs 45 -> 99', 'augment.scale 0.15 -> 0'."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += differences(x, y, f"{prefix}{key}.")
+        elif (list(x) if isinstance(x, (list, tuple)) else x) != (list(y) if isinstance(y, (list, tuple)) else y):
+            out.append(f"{prefix}{key} {x!r} -> {y!r}")
+    return out
+
+
 def with_overrides(config: TrainConfig, **overrides) -> TrainConfig:
     """`config` with the given fields replaced; None values are ignored (unset CLI options)."""
     return replace(config, **{k: v for k, v in overrides.items() if v is not None})

@@ -32,7 +32,7 @@ from bloodcell.reporting.figures import write_figures
 from bloodcell.runs import Preprocessing, RunRecord
 from bloodcell.training import distributed
 from bloodcell.training.loop import build_model, fit
-from bloodcell.training.recipe import TrainConfig
+from bloodcell.training.recipe import TrainConfig, differences
 
 
 @dataclass(frozen=True)
@@ -111,8 +111,15 @@ def train_run(
             f"{dataset.path}: images are {dataset.image_size} px but the recipe is for {config.image_size} px "
             "(--image-size, or a --preset of that size)"
         )
-    if resume and runs.is_run_dir(run_dir):
-        return read_json(run_dir / runs.METRICS)  # already finished: nothing to do
+    if resume and runs.is_run_dir(run_dir):  # already finished: nothing to do, if it is this recipe
+        finished = runs.read_record(run_dir).train_config
+        changed = differences(finished, config.to_dict())
+        if changed:
+            raise BloodcellError(
+                f"{run_dir}: finished with another recipe ({'; '.join(changed[:4])}); --resume continues a run "
+                "as it was started: drop it to train afresh (with --overwrite), or use another --out"
+            )
+        return read_json(run_dir / runs.METRICS)
     distributed.setup(network.resolve_device(device))  # several processes (torchrun): rank 0 writes
     distributed.check_batch(config.batch_size)  # before anything is written
     if labs is None:
