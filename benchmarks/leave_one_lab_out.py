@@ -75,6 +75,21 @@ VARIANTS: dict[str, TrainConfig] = {
     "lite64-frozenbn": replace(LITE64, freeze_norm=True),
     "lite64-ema": replace(LITE64, ema_decay=0.998),
     "lite64-long": replace(LITE64, epochs=8),
+    # stronger stain, colour, blur and zoom: labs differ most in sharpness and magnification
+    "lite64-strong": replace(
+        LITE64,
+        augment=replace(
+            PHOTO,
+            translate=4,
+            stain=0.3,
+            brightness=0.25,
+            contrast=0.25,
+            gamma=0.3,
+            saturation=0.4,
+            blur=3.0,
+            scale=0.5,
+        ),
+    ),
     "lite96": replace(LITE64, image_size=96, augment=replace(PHOTO, translate=6, blur=2.7)),
 }
 

@@ -277,3 +277,16 @@ def test_synthetic_images_of_every_kind_are_classified_or_refused_in_one_line(sy
     records = classifier.predict_uploads(uploads)
     assert [r["error"] is None for r in records] == [False, False, False, False, True]
     assert all("\n" not in (r["error"] or "") for r in records)
+
+
+def test_uploads_in_memory_are_bounded_across_requests(synthetic_run, cell_images):
+    from fastapi.testclient import TestClient
+
+    from bloodcell.app.serve import ServeLimits
+
+    classifier = Classifier.from_run(synthetic_run)
+    app = create_app(classifier, PredictOptions(), limits=ServeLimits(max_buffered_bytes=4096))
+    files = {"files": ("a.png", cell_images[0].read_bytes(), "image/png")}  # a 360 x 363 JPEG: well over 4 KB
+    response = TestClient(app).post("/predict", files=files)
+    assert response.status_code == 503 and "too many uploads" in response.json()["detail"]
+    assert app.buffered == 0  # released when the request ended

@@ -11,8 +11,10 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 from datetime import date
+from pathlib import Path
 
 import torch
 
@@ -34,15 +36,38 @@ def machine() -> str:
     )
 
 
+def revision() -> str:
+    """bloodcell's version, and the git commit of the source tree it runs from, where there is one."""
+    from bloodcell import __version__
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        if commit and git("status", "--porcelain", "--untracked-files=no"):
+            commit += "+changes"  # uncommitted edits: the figure is not exactly that commit's
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"bloodcell {__version__}" + (f" ({commit})" if commit else "")
+
+
 def stamp(argv: list[str] | None = None) -> dict[str, str]:
-    """The command as typed, the machine and today's date."""
+    """The command as typed, the code, the machine and today's date."""
     argv = sys.argv if argv is None else argv
-    return {"command": shlex.join(["python", *argv]), "machine": machine(), "date": date.today().isoformat()}
+    return {
+        "command": shlex.join(["python", *argv]),
+        "code": revision(),
+        "machine": machine(),
+        "date": date.today().isoformat(),
+    }
 
 
 def stamp_line(argv: list[str] | None = None) -> str:
     s = stamp(argv)
-    return f"# {s['command']}\n# {s['machine']}; {s['date']}"
+    return f"# {s['command']}\n# {s['code']}; {s['machine']}; {s['date']}"
 
 
 def mean_std(values: list[float], digits: int = 4) -> str:
