@@ -49,7 +49,7 @@ def files_score(classifier, folder: Path) -> tuple[float, float]:
     """Accuracy and images/s of `predict_files` on a DIR/<class>/ folder of full-size images."""
     files, labels, counts = labelled_folders([folder], classifier.classes)
     start = time.perf_counter()
-    records = classifier.predict_files(files)
+    records = classifier.predict_files(files, cells="one")  # a labelled image is one cell
     seconds = time.perf_counter() - start
     return score_records(records, labels, classifier.classes, counts)["accuracy"], len(files) / seconds
 

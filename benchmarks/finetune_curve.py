@@ -58,7 +58,7 @@ def main() -> None:
     def score(classifier, indices: list[int]) -> float:
         if args.classes:
             classifier = classifier.restricted_to(args.classes.split(","))
-        records = classifier.predict_files([files[i] for i in indices])
+        records = classifier.predict_files([files[i] for i in indices], cells="one")
         return score_records(records, [labels[i] for i in indices], classifier.classes, {})["accuracy"]
 
     results = {0: [score(parent, list(range(len(files))))]}

@@ -99,7 +99,7 @@ def white_cell_folder_scores(classifier, folders: list[Path], prepared: dict) ->
     decoded and framed inputs are reused between runs of one image size and crop."""
     restricted = classifier.restricted_to(WHITE_CELLS)
     files, labels, counts = labelled_folders(folders, classifier.classes)
-    options = PredictOptions()
+    options = PredictOptions(cells="one")  # a labelled image is one cell
     key = (tuple(map(str, folders)), classifier.image_size, classifier.record.preprocessing.crop)
     if key not in prepared:
         prepared[key] = restricted.prepare_sources([(str(f), f) for f in files], options)

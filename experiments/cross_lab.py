@@ -59,7 +59,8 @@ VARIANTS: dict[str, TrainConfig] = {
 
 def folder_scores(classifier, folders: list[Path], options: PredictOptions) -> dict:
     files, labels, counts = labelled_folders(folders, classifier.classes)
-    return score_records(classifier.predict_files(files, options), labels, classifier.classes, counts)
+    records = classifier.predict_files(files, replace(options, cells="one"))  # a labelled image is one cell
+    return score_records(records, labels, classifier.classes, counts)
 
 
 def ensemble_scores(classifiers: list, folders: list[Path]) -> dict:
@@ -68,7 +69,7 @@ def ensemble_scores(classifiers: list, folders: list[Path]) -> dict:
     files, labels, counts = labelled_folders(folders, classifiers[0].classes)
     threshold = PredictOptions().min_confidence
     # every class's probability, and review flags for every reason but confidence (checked on the average)
-    options = PredictOptions(top_k=len(classifiers[0].classes), min_confidence=0.0)
+    options = PredictOptions(top_k=len(classifiers[0].classes), min_confidence=0.0, cells="one")
     runs = [c.predict_files(files, options) for c in classifiers]
     records = []
     for per_run in zip(*runs):

@@ -76,7 +76,7 @@ def main() -> None:
         files, labels, counts = labelled_folders([folder], classifiers[0].classes)
         for crop in ("cell", stated[folder]):
             scores = [
-                score_records(c.predict_files(files, PredictOptions(crop=crop)), labels, c.classes, counts)
+                score_records(c.predict_files(files, PredictOptions(crop=crop, cells="one")), labels, c.classes, counts)
                 for c in classifiers
             ]
             recall = np.mean([[r["recall"] for r in s["per_class"]] for s in scores], axis=0)

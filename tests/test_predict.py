@@ -54,7 +54,8 @@ def test_a_batch_is_prepared_as_each_image_alone(synthetic_run, cell_images):
     named = [(str(p), p) for p in cell_images] + [("broken", b"not an image")]
     batch = classifier.prepare_sources(named, PredictOptions())
     assert isinstance(batch[-1], str)
-    for (_, path), (pixels, _) in zip(named, batch[:-1]):
+    for (_, path), prepared in zip(named, batch[:-1]):
+        ((pixels, _),) = prepared.cells
         assert np.array_equal(pixels, classifier.prepare(path)[0])
 
 

@@ -15,7 +15,7 @@ import os
 import sys
 import typing
 from collections.abc import Callable, Sequence
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 
 from bloodcell import __version__
@@ -172,6 +172,24 @@ INFERENCE = (
         help="torch.compile the model first (about 10 s; helps wide models, not the default res-small)",
     ),
     CLASSES,
+)
+
+
+def _wbc_count(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1000:
+        raise argparse.ArgumentTypeError(f"a white-cell count in x10^9/L, such as 7.2, not {text!r}")
+    return value
+
+
+WBC_COUNT = arg(
+    "--wbc-count",
+    type=_wbc_count,
+    metavar="N",
+    help="the analyser's white-cell count (x10^9/L): the differential also gives each white-cell class per litre",
 )
 
 
@@ -500,6 +518,19 @@ def _evaluate_arguments() -> list[Arg]:
             help="score labelled image files instead of a split: DIR/<class>/*.jpg (several DIRs are pooled), "
             "class folders named like the classes (case-insensitive; aliases such as ig, NEUTROPHIL, basophils)",
         ),
+        arg(
+            "--fields",
+            metavar="DIR",
+            nargs="+",
+            help="score white-cell finding in field images instead: each image with a box file of the same name "
+            "(Pascal VOC .xml, or YOLO .txt): recall, precision, and the class of the cells found",
+        ),
+        arg(
+            "--box-classes",
+            metavar="NAMES",
+            help="the classes of the YOLO class ids, in order (e.g. neutrophil,eosinophil,basophil,lymphocyte,"
+            "monocyte); VOC files name theirs",
+        ),
         arg("--out", help="folder for the figures (default: the run directory)"),
         *options_for(PredictOptions, ("crop", "tta", "min_confidence", "batch_size", "workers")),
         *INFERENCE,
@@ -520,6 +551,8 @@ def cmd_evaluate(args: argparse.Namespace) -> Output:
     existed = set(folder.glob("*.png")) if folder.is_dir() else set()
     if args.images:
         return _evaluate_folder(classifier, args, folder, existed)
+    if args.fields:
+        return _evaluate_fields(classifier, args)
     split = _dataset(args, classifier.image_size).split(args.split)
     logits, ood_scores = classifier.logits_and_ood(split.images, tta=args.tta)
     result = evaluate(classifier, split, args.tta, logits, ood_scores, args.min_confidence)
@@ -538,13 +571,41 @@ def _answering(classifier) -> str:
     return f"answering only among: {', '.join(classifier.answerable)} (--classes)\n"
 
 
+def _evaluate_fields(classifier, args: argparse.Namespace) -> Output:
+    from bloodcell.classes import class_named
+    from bloodcell.evaluation.detection import field_pairs, read_boxes, score_fields
+
+    names = tuple(n.strip() for n in args.box_classes.split(",")) if args.box_classes else ()
+    box_classes = tuple(class_named(n) for n in names)
+    if None in box_classes:
+        raise BloodcellError(f"--box-classes: unknown class name {names[box_classes.index(None)]!r}")
+    pairs = field_pairs([Path(d) for d in args.fields], box_classes)
+    for _, boxes in pairs:  # every box file read before any work: a corrupt one is one line now
+        read_boxes(boxes, (1, 1), box_classes)
+    options = replace(_prediction_options(args), cells="every")
+    records = classifier.predict_files([image for image, _ in pairs], options, progress=not args.json)
+    result = score_fields(records, pairs, box_classes)
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    lines = [
+        f"{result['fields']} fields, {result['white_cell_boxes']} white-cell boxes, {result['found']} cells found",
+        f"recall     {fmt(result['recall'])}  (boxes with a found cell's centre inside, one to one)",
+        f"precision  {fmt(result['precision'])}  (meaningful where every white cell is boxed)",
+        f"classes    accuracy {fmt(result['accuracy'])}, macro recall {fmt(result['macro_recall'])} over "
+        f"{result['classified_cells']} found cells with a labelled box",
+    ]
+    return Output(result | {"records": records}, "\n".join(lines), warnings=classifier.record.warnings)
+
+
 def _evaluate_folder(classifier, args: argparse.Namespace, folder: Path, existed: set[Path]) -> Output:
     from bloodcell.datasets.folders import labelled_folders
     from bloodcell.evaluation.scoring import format_folder_scores, score_records
     from bloodcell.reporting import plots
 
     files, labels, counts = labelled_folders(args.images, classifier.classes)
-    records = classifier.predict_files(files, _prediction_options(args), progress=not args.json)
+    options = replace(_prediction_options(args), cells="one")  # a labelled image is one cell
+    records = classifier.predict_files(files, options, progress=not args.json)
     unreadable = sum(r["error"] is not None for r in records)
     if unreadable == len(records):
         reasons = sorted({r["error"] for r in records})
@@ -701,7 +762,8 @@ def _predict_arguments() -> list[Arg]:
     return [
         PACKAGED_OR_RUN,
         arg("paths", nargs="+", help="image files or folders (searched recursively)"),
-        arg("--csv", help="also write one row per image to this CSV file"),
+        arg("--csv", help="also write one row per image (per white cell of a field) to this CSV file"),
+        WBC_COUNT,
         arg(
             "--shard",
             metavar="I/N",
@@ -741,7 +803,7 @@ def cmd_predict(args: argparse.Namespace) -> Output:
     if shard:
         files = listing[shard[0] - 1 :: shard[1]]
     records = classifier.predict_files(files, options, progress=not args.json)
-    summary = differential(records, classifier.classes)
+    summary = differential(records, classifier.classes, args.wbc_count)
     lines = [_prediction_line(r) for r in records] + ["", _answering(classifier) + format_differential(summary)]
     exit_code = EXIT_NONE_CLASSIFIED if summary["classified"] == 0 else EXIT_SOME_FAILED if summary["failed"] else 0
     warnings = note + classifier.record.warnings + tuple(problems)
@@ -802,7 +864,8 @@ def _parse_shard(spec: str) -> tuple[int, int]:
     "merge",
     "join the --json outputs of `predict --shard I/N` runs into one set of records and differential count",
     arg("parts", nargs="+", help="JSON files written by `bloodcell predict ... --shard I/N --json`"),
-    arg("--csv", help="also write one row per image to this CSV file"),
+    arg("--csv", help="also write one row per image (per white cell of a field) to this CSV file"),
+    WBC_COUNT,
 )
 def cmd_merge(args: argparse.Namespace) -> Output:
     from bloodcell.files import check_writable, read_json, write_csv
@@ -837,7 +900,7 @@ def cmd_merge(args: argparse.Namespace) -> Output:
     of = first["of"]
     missing = sorted(set(range(1, of + 1)) - set(indices))
     records = sorted((r for part in parts for r in part["records"]), key=lambda r: r["path"])
-    summary = differential(records, list(parts[0]["classes"]))
+    summary = differential(records, list(parts[0]["classes"]), args.wbc_count)
     warnings = (
         (f"parts {missing} of {of} are missing: the count covers {len(indices)} of {of} parts",) if missing else ()
     )
@@ -851,17 +914,32 @@ def cmd_merge(args: argparse.Namespace) -> Output:
 
 def _prediction_line(record: dict) -> str:
     path = printable(record["path"])
+    cell = record.get("cell") or {}
+    if record.get("image_kind") == "field":
+        where = f" cell {cell['index'] + 1} at {','.join(map(str, cell['box']))}" if cell else ""
+        path = f"{path}{where}"
     if record["error"]:
         return f"{path}\tERROR\t{printable(record['error'])}"
-    review = f"\treview: {record['review_reason']}" if record["review"] else ""
-    return f"{path}\t{record['class']}\t{record['probability']:.4f}{review}"
+    review = f"\treview: {printable(record['review_reason'])}" if record["review"] else ""
+    uncounted = "\t(not counted)" if record.get("counted") is False and record["class"] else ""
+    answer = f"{record['class']}\t{record['probability']:.4f}" if record["class"] else "-"
+    return f"{path}\t{answer}{review}{uncounted}"
 
 
 def _csv_row(record: dict) -> dict:
     top = "; ".join(f"{t['class']}={t['probability']:.4f}" for t in record["top_k"])
     cell = record.get("cell") or {}
     row = {k: record.get(k) for k in ("path", "class", "probability", "review", "review_reason", "error")}
-    return row | {"top_k": top, "cell_found": cell.get("found"), "white_cells": cell.get("white_cells")}
+    return row | {
+        "top_k": top,
+        "cell_found": cell.get("found"),
+        "white_cells": cell.get("white_cells"),
+        "image_kind": record.get("image_kind"),
+        "cell_index": cell.get("index"),
+        "box": " ".join(map(str, cell["box"])) if cell.get("box") else None,
+        "cut": cell.get("cut"),
+        "counted": record.get("counted"),
+    }
 
 
 def _serve_arguments() -> list[Arg]:

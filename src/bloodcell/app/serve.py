@@ -40,7 +40,7 @@ from PIL import Image
 from bloodcell import __version__, runs
 from bloodcell.errors import BloodcellError
 from bloodcell.images import crops, decode
-from bloodcell.inference.classifier import Classifier, PredictOptions
+from bloodcell.inference.classifier import Classifier, PredictOptions, Prepared
 from bloodcell.inference.differential import differential
 
 WEB = Path(__file__).with_name("web")
@@ -180,7 +180,7 @@ def create_app(
                 pixels, found = classifier.prepare(image, options.crop)
                 square, _ = crops.frame(image, runs.Crop.parse(options.crop or classifier.record.preprocessing.crop))
                 with model_lock:
-                    record = classifier.classify_prepared([name], [(pixels, found)], options)[0]
+                    record = classifier.classify_prepared([name], [Prepared(((pixels, found),))], options)[0]
                     explanation = gradcam.explain_image(classifier, pixels, class_name)
                 shown = square.copy()  # thumbnail() works in place
                 shown.thumbnail((280, 280))

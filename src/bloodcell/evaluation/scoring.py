@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from bloodcell.datasets.bloodmnist import Split
+from bloodcell.errors import BloodcellError
 from bloodcell.evaluation import metrics
 from bloodcell.inference.classifier import Classifier, PredictOptions
 
@@ -80,6 +81,8 @@ def score_records(records: list[dict], labels: list[int], classes: tuple[str, ..
     Unreadable files count as wrong; a prediction of a class absent from the folder is wrong
     too. `selective_accuracy` is the accuracy of the images not flagged for review.
     """
+    if len(records) != len(labels):
+        raise BloodcellError(f"{len(records)} records for {len(labels)} labelled images: score one cell per image")
     present = sorted(set(labels))
     predicted = [classes.index(r["class"]) if r["error"] is None else -1 for r in records]
     correct = np.equal(predicted, labels)

@@ -44,6 +44,8 @@ class CellFrame:
     candidates: int  # stained objects as large as a white cell
     scale_from: str  # "red cells", "stated red cell", "cell extent" or "image"
     extent: float = 0.0  # the stained cell's larger side in pixels (0: none found)
+    cut: bool = False  # the cell reaches the image's border (a field's cell half out of view)
+    index: int = 0  # its place among the white cells of its image (fields), in reading order
 
     def box(self) -> tuple[int, int, int, int]:
         half = self.side / 2
@@ -61,6 +63,8 @@ class CellFrame:
             "box": [left, top, right, bottom],
             "white_cells": self.candidates,
             "scale_from": self.scale_from,
+            "cut": self.cut,
+            "index": self.index,
         }
 
 

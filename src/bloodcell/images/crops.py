@@ -100,10 +100,16 @@ def prepare_framed(
     `emulate` applies the fitted MedMNIST filter where `emulates_medmnist` says it belongs.
     """
     square, found = frame(image, crop)
+    return render(square, size, crop, emulate), found
+
+
+def render(square: Image.Image, size: int, crop: Crop, emulate: bool = True) -> np.ndarray:
+    """A framed square -> the uint8 (size, size, 3) model input: resized, and MedMNIST-filtered
+    where `emulates_medmnist` says it belongs."""
     resized = np.asarray(square.resize((size, size), Image.BILINEAR), dtype=np.uint8)
     if emulate and emulates_medmnist(size, crop):
-        return apply_medmnist_filter(resized, medmnist_filter()), found
-    return resized, found
+        return apply_medmnist_filter(resized, medmnist_filter())
+    return resized
 
 
 def emulates_medmnist(size: int, crop: Crop) -> bool:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from bloodcell import models, runs
 from bloodcell.config import knob
 from bloodcell.errors import BloodcellError
-from bloodcell.images import cells, crops, decode
+from bloodcell.images import cells, crops, decode, fields
 from bloodcell.inference import network
 from bloodcell.inference.ood import OodModel
 from bloodcell.runs import RunRecord
@@ -43,6 +43,19 @@ class PredictOptions:
     tta: bool = knob(False, "average over the 8 flips/rotations")
     top_k: int = knob(3, "classes listed per image")
     min_confidence: float = knob(0.8, "flag images whose top probability is below this for review")
+    cells: str = knob(
+        "auto",
+        "with crop 'cell': auto (an image holding several white cells, or far larger than one cell, is a "
+        "field: one record per white cell; otherwise one record for the image), one (one record per image, "
+        "its main cell), every (every image read as a field)",
+        choices=lambda: ["auto", "one", "every"],
+    )
+    border_cells: str = knob(
+        "skip",
+        "white cells of a field cut by the image's border: skip (listed and flagged, not counted: the next "
+        "field of a series counts them whole) or count",
+        choices=lambda: ["skip", "count"],
+    )
     batch_size: int = knob(256, "images per inference batch")
     workers: int | None = knob(None, "image-decoding threads (default: 2 x CPU cores, at most 8)")
 
@@ -57,6 +70,8 @@ class PredictOptions:
             raise BloodcellError(f"workers must be at least 1, got {self.workers}")
         if self.crop is not None:
             runs.Crop.parse(self.crop)
+        if self.cells not in ("auto", "one", "every") or self.border_cells not in ("skip", "count"):
+            raise BloodcellError(f"cells must be auto, one or every and border_cells skip or count, not {self!r}")
 
 
 def options_with(options: PredictOptions | None, overrides: dict) -> PredictOptions:
@@ -274,7 +289,8 @@ class Classifier:
     def predict_sources(
         self, named: list[tuple[str, decode.ImageSource]], options: PredictOptions, progress: bool = False
     ) -> list[dict]:
-        """The one pipeline: decode in threads, preprocess, classify in batches, one record per input."""
+        """The one pipeline: decode in threads, preprocess, classify in batches; one record per
+        image, or per white cell of a field."""
         records: list[dict] = []
         with tqdm(total=len(named), unit="img", disable=not progress) as bar:
             for start in range(0, len(named), options.batch_size):
@@ -284,8 +300,31 @@ class Classifier:
                 bar.update(len(chunk))
         return records
 
+    def prepare_cells(
+        self, source: decode.ImageSource, options: PredictOptions, medmnist_filter: bool = True
+    ) -> Prepared:
+        """One image -> its cells as model input. With crop 'cell' an image is a field when it holds
+        several white cells or is far larger than one cell's frame (`options.cells` can say so
+        instead); a field gives every white cell found in it, a crop its one cell, as ever."""
+        p = self.record.preprocessing
+        crop = runs.Crop.parse(options.crop or p.crop)
+        emulate = p.medmnist_filter and medmnist_filter
+        image = decode.open_image(source)
+        if crop.fraction is not None or options.cells == "one":
+            return Prepared((crops.prepare_framed(image, p.image_size, crop, emulate),))
+        if options.cells == "auto":
+            main = cells.locate(image, crop.red_cell)  # cheap, and decides most crops on its own
+            measured = main.scale_from in ("red cells", "stated red cell")
+            if main.found and main.candidates <= 1 and measured and fields.FIELD_SIDES * main.side > min(image.size):
+                return Prepared(((crops.render(cells.crop(image, main), p.image_size, crop, emulate), main),))
+        scan = fields.find_white_cells(image, crop.red_cell)
+        if options.cells == "auto" and not scan.is_field:
+            return Prepared((crops.prepare_framed(image, p.image_size, crop, emulate),))
+        framed = [(crops.render(cells.crop(image, f), p.image_size, crop, emulate), f) for f in scan.cells]
+        return Prepared(tuple(framed), field=True)
+
     def prepare_sources(self, named: list[tuple[str, decode.ImageSource]], options: PredictOptions) -> list:
-        """Decode and frame images in threads: per input, (model input, cell frame) or why it failed.
+        """Decode and frame images in threads: per input, its `Prepared` cells or why it failed.
 
         The MedMNIST filter runs once over the whole batch afterwards (a convolution: far cheaper
         on the batch than image by image inside the threads)."""
@@ -294,50 +333,62 @@ class Classifier:
         crop = runs.Crop.parse(options.crop or p.crop)
         filter_batch = p.medmnist_filter and crops.emulates_medmnist(p.image_size, crop)
 
-        def prepared_or_reason(source) -> tuple[np.ndarray, cells.CellFrame | None] | str:
+        def prepared_or_reason(source) -> Prepared | str:
             try:
-                return self.prepare(source, options.crop, medmnist_filter=not filter_batch)
+                return self.prepare_cells(source, options, medmnist_filter=not filter_batch)
             except decode.ImageError as exc:
                 return str(exc)
 
         with ThreadPoolExecutor(workers) as pool:
             prepared = list(pool.map(prepared_or_reason, [source for _, source in named]))
-        good = [i for i, item in enumerate(prepared) if not isinstance(item, str)]
-        if filter_batch and good:
-            pixels = np.stack([prepared[i][0] for i in good])
-            for i, filtered in zip(good, crops.apply_medmnist_filter(pixels, crops.medmnist_filter())):
-                prepared[i] = (filtered, prepared[i][1])
+        places = [
+            (i, k) for i, item in enumerate(prepared) if not isinstance(item, str) for k in range(len(item.cells))
+        ]
+        if filter_batch and places:
+            pixels = np.stack([prepared[i].cells[k][0] for i, k in places])
+            filtered = crops.apply_medmnist_filter(pixels, crops.medmnist_filter())
+            for (i, k), pixels_ in zip(places, filtered):
+                cells_ = list(prepared[i].cells)
+                cells_[k] = (pixels_, cells_[k][1])
+                prepared[i] = replace(prepared[i], cells=tuple(cells_))
         return prepared
 
     def classify_prepared(self, names: list[str], prepared: list, options: PredictOptions) -> list[dict]:
-        """One record per input of `prepare_sources`: the prediction, or the reason it has none."""
-        return self._records(names, prepared, options)
-
-    def _records(self, names: list[str], loaded: list, options: PredictOptions) -> list[dict]:
-        good = [i for i, item in enumerate(loaded) if not isinstance(item, str)]
-        results: dict[int, dict] = {}
-        if good:
-            logits, scores = self.logits_and_ood(crops.to_tensor([loaded[i][0] for i in good]), options.tta)
-            frames = [loaded[i][1] for i in good]
-            results = dict(zip(good, self.describe(self.calibrated(logits), options, frames, scores)))
-        failed = {
-            "class": None,
-            "probability": None,
-            "top_k": [],
-            "review": False,
-            "review_reason": None,
-            "ood_score": None,
-        }
+        """Records for the inputs of `prepare_sources`: one per image (or per white cell of a field,
+        or one saying a field holds none), or the reason an image has none."""
+        places = [
+            (i, k) for i, item in enumerate(prepared) if not isinstance(item, str) for k in range(len(item.cells))
+        ]
+        results: dict[tuple[int, int], dict] = {}
+        if places:
+            inputs = crops.to_tensor([prepared[i].cells[k][0] for i, k in places])
+            logits, scores = self.logits_and_ood(inputs, options.tta)
+            frames = [prepared[i].cells[k][1] for i, k in places]
+            fields_ = [prepared[i].field for i, _ in places]
+            results = dict(zip(places, self.describe(self.calibrated(logits), options, frames, scores, fields_)))
         out = []
         for i, name in enumerate(names):
-            result = results.get(i)
-            if result is None:
-                out.append({"path": name, **failed, "cell": None, "error": loaded[i]})
-            elif not math.isfinite(result["probability"]):
-                error = "the model gave non-finite probabilities"
-                out.append({"path": name, **failed, "cell": result["cell"], "error": error})
-            else:
-                out.append({"path": name, **result, "error": None})
+            item = prepared[i]
+            if isinstance(item, str):
+                out.append(
+                    {"path": name, **NO_ANSWER, "cell": None, "image_kind": None, "counted": False, "error": item}
+                )
+                continue
+            kind = "field" if item.field else "cell"
+            if not item.cells:
+                empty = {"review": True, "review_reason": "no white cell found in this field"}
+                out.append({"path": name, **NO_ANSWER, **empty, "cell": None, "image_kind": kind, "counted": False,
+                            "error": None})  # fmt: skip
+            for k in range(len(item.cells)):
+                result = results[(i, k)]
+                if not math.isfinite(result["probability"]):
+                    error = "the model gave non-finite probabilities"
+                    out.append({"path": name, **NO_ANSWER, "cell": result["cell"], "image_kind": kind,
+                                "counted": False, "error": error})  # fmt: skip
+                    continue
+                cut = item.field and item.cells[k][1].cut
+                counted = not (cut and options.border_cells == "skip")
+                out.append({"path": name, **result, "image_kind": kind, "counted": counted, "error": None})
         return out
 
     def describe(
@@ -346,16 +397,20 @@ class Classifier:
         options: PredictOptions,
         frames: list | None = None,
         ood_scores: torch.Tensor | None = None,
+        in_field: list[bool] | None = None,
     ) -> list[dict]:
-        """Per image: the class, its probability, the top-k classes, the review flag and its reasons,
+        """Per cell: the class, its probability, the top-k classes, the review flag and its reasons,
         the out-of-distribution score, and where the cell was found (crop 'cell')."""
         top = probs.topk(min(options.top_k, probs.shape[1]), dim=1)
         frames = frames or [None] * len(probs)
+        in_field = in_field or [False] * len(probs)
         scores = ood_scores.tolist() if ood_scores is not None else [None] * len(probs)
         threshold = self.ood.threshold if self.ood is not None else None
         records = []
-        for values, indices, found, score in zip(top.values.tolist(), top.indices.tolist(), frames, scores):
-            reasons = review_reasons(values[0], options.min_confidence, found, score, threshold)
+        for values, indices, found, score, field in zip(
+            top.values.tolist(), top.indices.tolist(), frames, scores, in_field
+        ):
+            reasons = review_reasons(values[0], options.min_confidence, found, score, threshold, field)
             records.append(
                 {
                     "class": self.classes[indices[0]],
@@ -370,12 +425,25 @@ class Classifier:
         return records
 
 
+NO_ANSWER = {"class": None, "probability": None, "top_k": [], "review": False, "review_reason": None, "ood_score": None}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One image ready for the network: each cell's uint8 HWC input with its frame, and whether
+    the image was read as a field (several cells, or none)."""
+
+    cells: tuple[tuple[np.ndarray, cells.CellFrame | None], ...]
+    field: bool = False
+
+
 def review_reasons(
     probability: float,
     min_confidence: float,
     found: cells.CellFrame | None = None,
     ood_score: float | None = None,
     ood_threshold: float | None = None,
+    in_field: bool = False,
 ) -> list[str]:
     """Why a cell should be looked at by a person (empty: no reason)."""
     reasons = []
@@ -385,6 +453,8 @@ def review_reasons(
         reasons.append(f"unlike the training images (OOD score {ood_score:.0f} > {ood_threshold:.0f})")
     if found is not None and not found.found:
         reasons.append("no white cell found")
-    if found is not None and found.candidates > 1:
+    if found is not None and found.candidates > 1 and not in_field:
         reasons.append(f"{found.candidates} white cells in the image")
+    if found is not None and found.cut and in_field:
+        reasons.append("cut by the image border")
     return reasons

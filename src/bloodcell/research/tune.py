@@ -45,7 +45,7 @@ STUDY_NAME = "bloodcell-tune"
 class TuneConfig:
     model: str = "seed-cnn"
     grid: dict | None = None  # None: TPE over ranges
-    trials: int | None = None  # TPE trials, or at most this many grid points this session
+    trials: int | None = None  # TPE trials, or at most this many grid points in this call
     folds: int = 5
     max_epochs: int | None = None  # caps every trial's epochs (a quick look at the grid)
     patience: int = 5
