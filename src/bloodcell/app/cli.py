@@ -585,6 +585,7 @@ def _evaluate_fields(classifier, args: argparse.Namespace) -> Output:
     options = replace(_prediction_options(args), cells="every")
     records = classifier.predict_files([image for image, _ in pairs], options, progress=not args.json)
     result = score_fields(records, pairs, box_classes)
+
     def fmt(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.4f}"
 

@@ -45,10 +45,12 @@ class Box:
 
 
 def box_file(image: Path) -> Path | None:
-    for suffix in (".xml", ".txt"):
-        if image.with_suffix(suffix).is_file():
-            return image.with_suffix(suffix)
-    return None
+    """The image's box file: beside it (`x.jpg`, `x.xml` or `x.txt`), or in YOLO's layout
+    (`images/x.jpg` with `labels/x.txt`)."""
+    candidates = [image.with_suffix(".xml"), image.with_suffix(".txt")]
+    if image.parent.name == "images":
+        candidates.append(image.parent.parent / "labels" / f"{image.stem}.txt")
+    return next((c for c in candidates if c.is_file()), None)
 
 
 def read_boxes(path: Path, size: tuple[int, int], box_classes: tuple[str, ...] = ()) -> list[Box]:
@@ -130,7 +132,8 @@ def match(centres: list[tuple[float, float]], boxes: list[Box]) -> dict[int, int
 
 
 def field_pairs(folders: list[Path], box_classes: tuple[str, ...] = ()) -> list[tuple[Path, Path]]:
-    """(image, box file) for every field image under the folders; images without one are left out."""
+    """(image, box file) for every field image under the folders; images without one are left out
+    (Chula has fields that nobody boxed)."""
     pairs = [(image, box_file(image)) for image in decode.find_images(folders)]
     pairs = [(image, boxes) for image, boxes in pairs if boxes is not None]
     if not pairs:
