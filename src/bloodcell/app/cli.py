@@ -951,6 +951,13 @@ def _serve_arguments() -> list[Arg]:
         arg("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1, this machine only)"),
         arg("--port", type=_port, default=8000, help="port (default 8000)"),
         arg(
+            "--reviews",
+            metavar="DIR",
+            default=str(Path("~/.bloodcell/reviews").expanduser()),
+            help="folder of the reviews database (SQLite): every review the page starts is kept there, and "
+            "reopened after a restart (default ~/.bloodcell/reviews)",
+        ),
+        arg(
             "--allow-host",
             action="append",
             default=[],
@@ -963,7 +970,7 @@ def _serve_arguments() -> list[Arg]:
             help="require 'Authorization: Bearer TOKEN' on the API (default: $BLOODCELL_TOKEN); needed for any "
             "--host other than this machine",
         ),
-        *options_for(PredictOptions, ("crop", "tta", "min_confidence", "top_k")),  # a request can override some
+        *options_for(PredictOptions, ("crop", "tta", "min_confidence", "top_k", "cells", "border_cells")),
         *INFERENCE,
     ]
 
@@ -990,6 +997,7 @@ def cmd_serve(args: argparse.Namespace) -> Output:
         args.port,
         token=args.token,
         allowed_hosts=tuple(args.allow_host),
+        reviews=args.reviews,
     )
     return Output({}, "")
 

@@ -6,6 +6,7 @@
                     the same JSON as `bloodcell predict --json`
     POST /explain   one image file -> its record and Grad-CAM overlay (PNG, base64)
     GET  /docs      the OpenAPI page, its scripts served from the package (works offline)
+    /reviews ...    the page's reviews, kept in a SQLite database (`review_routes`, `reviews`)
 
 A server on a lab network must survive its clients, so (all in `ServeLimits`):
 - limits hold while a request is read, before it is kept: bytes per file, bytes and files per
@@ -38,6 +39,7 @@ from pathlib import Path
 from PIL import Image
 
 from bloodcell import __version__, runs
+from bloodcell.app.reviews import ReviewStore
 from bloodcell.errors import BloodcellError
 from bloodcell.images import crops, decode
 from bloodcell.inference.classifier import Classifier, PredictOptions, Prepared
@@ -80,9 +82,11 @@ def create_app(
     limits: ServeLimits | None = None,
     token: str | None = None,
     hosts: frozenset[str] | None = None,
+    reviews: ReviewStore | None = None,
 ):
     """The ASGI application: FastAPI routes inside the request guard. `hosts`: the names a
-    request's Host header may give (None: any); `serve` passes the names it is bound to."""
+    request's Host header may give (None: any); `serve` passes the names it is bound to.
+    `reviews`: where the page's reviews are kept (`/reviews` routes; None: none are kept)."""
     try:
         from fastapi import FastAPI, HTTPException, Query, Request
         from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
@@ -139,26 +143,37 @@ def create_app(
                 raise HTTPException(413, f"{too_big[0]}: larger than {limits.max_file_bytes // 2**20} MB")
             return [(f.filename or "upload", await f.read()) for f in files]
 
+    async def classify(uploads: list[tuple[str, bytes]], request_options: PredictOptions) -> list[dict]:
+        """Records for uploaded images: a turn in the queue, decoding in threads, one forward pass at a time."""
+        async with admission.turn():
+
+            def run() -> list[dict]:
+                prepared = classifier.prepare_sources(uploads, request_options)  # decoding runs in parallel
+                with model_lock:
+                    return classifier.classify_prepared([name for name, _ in uploads], prepared, request_options)
+
+            records = await asyncio.to_thread(run)
+        _release_memory()
+        return records
+
     @app.post("/predict")
     async def predict(
         request: Request,
         tta: bool = Query(options.tta, description="average over the 8 flips/rotations"),
         min_confidence: float = Query(options.min_confidence, ge=0, le=1, description="flag for review below"),
         top_k: int = Query(options.top_k, ge=1, le=8),
+        wbc_count: float | None = Query(None, gt=0, lt=1000, description="white-cell count, x10^9/L"),
     ) -> dict:
-        """Classify the multipart `files`: one record per file and the differential count."""
+        """Classify the multipart `files`: one record per image (per white cell of a field) and the differential."""
         uploads = await uploads_of(request)  # read before taking a turn: slow uploads hold no slot
-        async with admission.turn():
-            request_options = replace(options, tta=tta, min_confidence=min_confidence, top_k=top_k, workers=2)
+        request_options = replace(options, tta=tta, min_confidence=min_confidence, top_k=top_k, workers=2)
+        records = await classify(uploads, request_options)
+        return {"records": records, "summary": differential(records, classifier.classes, wbc_count)}
 
-            def classify(named: list[tuple[str, bytes]]) -> list[dict]:
-                prepared = classifier.prepare_sources(named, request_options)  # decoding runs in parallel
-                with model_lock:
-                    return classifier.classify_prepared([name for name, _ in named], prepared, request_options)
+    if reviews is not None:
+        from bloodcell.app.review_routes import add_review_routes
 
-            records = await asyncio.to_thread(classify, uploads)
-        _release_memory()
-        return {"records": records, "summary": differential(records, classifier.classes)}
+        add_review_routes(app, reviews, classifier, replace(options, workers=2), uploads_of, classify)
 
     @app.post("/explain")
     async def explain(request: Request, class_name: str | None = Query(None, alias="class")) -> dict:
@@ -469,6 +484,7 @@ def serve(
     token: str | None = None,
     limits: ServeLimits | None = None,
     allowed_hosts: tuple[str, ...] = (),
+    reviews: str | Path | None = None,
 ) -> None:
     """Run the server with uvicorn until interrupted (SIGTERM: in-flight requests finish first).
     Requests must name this server in their Host header (`bound_names`, plus `allowed_hosts`)."""
@@ -487,9 +503,10 @@ def serve(
     if allowed_hosts:
         hosts = (hosts or frozenset()) | {_host_name(h) for h in allowed_hosts}
     _check_port_free(host, port)
+    store = ReviewStore(reviews) if reviews is not None else None  # a read-only or newer database: one line, now
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = uvicorn.Config(
-        create_app(classifier, options, limits, token, hosts),
+        create_app(classifier, options, limits, token, hosts, store),
         host=host,
         port=port,
         http=guarded_protocol(limits),
@@ -500,5 +517,6 @@ def serve(
         timeout_graceful_shutdown=30,
         h11_max_incomplete_event_size=64 * 1024,  # request line and headers
     )
-    print(f"bloodcell {__version__} serving {classifier.record.arch} on http://{host}:{port}/", flush=True)
+    kept = f"; reviews kept in {store.path}" if store else ""
+    print(f"bloodcell {__version__} serving {classifier.record.arch} on http://{host}:{port}/{kept}", flush=True)
     uvicorn.Server(config).run()

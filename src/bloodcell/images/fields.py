@@ -30,6 +30,7 @@ from bloodcell.images.cells import (
     CellFrame,
     red_cell_diameters,
 )
+from bloodcell.images.decode import ImageError
 
 COARSE_SIDE = 160  # short side of the first pass, which measures the red cells
 RED_CELL_PX = 20.0  # a red cell's diameter in the second pass
@@ -43,6 +44,7 @@ RELATIVE_AREA = 0.3  # of the most contrasted object's area
 MERGE = 0.6  # red-cell diameters: pieces closer than this are one cell
 FIELD_SIDES = 2.5  # an image this many cell frames across its short side is a field, not a crop
 BORDER_MARGIN = 1  # working pixels: a cell this close to the image's edge is cut by it
+MAX_CELLS = 60  # more white-cell-like objects than this in one image: debris or not a smear at all
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,10 @@ def find_white_cells(image: Image.Image, red_cell: float | None = None) -> Field
         top = max(kept, key=lambda i: contrast[i])
         kept = [i for i in kept if areas[i - 1] >= RELATIVE_AREA * areas[top - 1]]
     scale_from = "stated red cell" if stated else "red cells" if red_cell else "cell extent"
+    if len(kept) > MAX_CELLS:
+        raise ImageError(
+            f"{len(kept)} white-cell-like objects in one image (at most {MAX_CELLS}): debris, or not a smear"
+        )
     frames = []
     for group in _groups(kept, labels, MERGE * assumed * scale, areas):
         rows = slice(min(boxes[i - 1][0].start for i in group), max(boxes[i - 1][0].stop for i in group))
