@@ -44,7 +44,8 @@ RELATIVE_AREA = 0.3  # of the most contrasted object's area
 MERGE = 0.6  # red-cell diameters: pieces closer than this are one cell
 FIELD_SIDES = 2.5  # an image this many cell frames across its short side is a field, not a crop
 BORDER_MARGIN = 1  # working pixels: a cell this close to the image's edge is cut by it
-MAX_CELLS = 60  # more white-cell-like objects than this in one image: debris or not a smear at all
+MAX_CELLS = 40  # more white-cell-like objects than this in one image: debris or not a smear at all
+MAX_STAINED = 0.3  # of the image stained like a nucleus (at most 0.15 in the BCCD and Chula fields): debris
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,10 @@ def find_white_cells(image: Image.Image, red_cell: float | None = None) -> Field
     assumed = red_cell or min(image.size) / 5  # unmeasured: about five red cells across the short side
     pixels, scale = _working(image, min(min(image.size) * RED_CELL_PX / assumed, MAX_SIDE))
     stain, mask = _stain(pixels)
+    if mask.mean() > MAX_STAINED:
+        raise ImageError(
+            f"{mask.mean():.0%} of the image is stained like nuclei (at most {MAX_STAINED:.0%}): debris or no smear"
+        )
     labels, count = ndimage.label(mask)
     boxes = ndimage.find_objects(labels)
     areas = ndimage.sum(mask, labels, range(1, count + 1)) if count else np.zeros(0)
