@@ -134,11 +134,11 @@ def test_serve_refuses_a_folder_that_is_not_a_run(tmp_path):
 # ---------------------------------------------------------------- slow lane: a real server
 
 
-@pytest.fixture(scope="module")
-def server(real_run):
+def start_server(run, reviews, *extra) -> tuple[subprocess.Popen, str, int]:
+    """A real `bloodcell serve` on a free loopback port, once it answers /health."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "bloodcell", "serve", str(real_run), "--port", str(port)],
+        [sys.executable, "-m", "bloodcell", "serve", str(run), "--port", str(port), "--reviews", str(reviews), *extra],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -149,10 +149,15 @@ def server(real_run):
         assert process.poll() is None, process.stderr.read()
         try:
             httpx.get(f"{url}/health").raise_for_status()
-            break
+            return process, url, port
         except httpx.TransportError:
             assert time.monotonic() < deadline, "server did not start within 120 s"
             time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def server(real_run, tmp_path_factory):
+    process, url, port = start_server(real_run, tmp_path_factory.mktemp("reviews"))
     yield url, port
     process.terminate()
     process.wait(timeout=60)
