@@ -2,6 +2,7 @@
 
     python benchmarks/bench_step.py --data-dir ../shared/data [--preset default] [--steps 30]
                                     [--models res-small-relu res-tiny ...] [--profile]
+    python benchmarks/bench_step.py --data-dir DIR --recipes res28 lite64 ... [--steps 30]
 
 Times one training step of the preset (augmentation, forward, backward, optimiser) on real
 training batches, side by side in one process, median of `--steps` steps after 5 warm-up steps:
@@ -15,6 +16,10 @@ see what CPUs without AVX-512 get. `--profile` adds the share of CPU time per pa
 and the rate the convolutions reach in GFLOP/s (their floating-point operations per step, counted
 by torch.utils.flop_counter, over their profiled time): when that is close to what the CPU's
 vector units can do, only a recipe with less arithmetic trains faster.
+
+`--recipes` instead times the multi-lab recipes of `leave_one_lab_out.py` side by side (their
+batches, image sizes and pretrained starts), and what a whole run of each costs on this CPU. DIR
+holds the BloodMNIST files of their sizes.
 """
 
 from __future__ import annotations
@@ -140,8 +145,11 @@ def main() -> None:
         "--models", nargs="+", default=[], choices=models.names(), help="also time these architectures in the recipe"
     )
     parser.add_argument("--profile", action="store_true", help="also print where the step's time goes, per operator")
+    parser.add_argument("--recipes", nargs="+", help="time these multi-lab recipes of leave_one_lab_out.py instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.recipes:
+        return time_recipes(args)
     config = PRESETS[args.preset]
     train = bloodmnist.load(args.data_dir, size=config.image_size).train
     print(f"preset {args.preset} ({config.model})")
@@ -181,6 +189,27 @@ def main() -> None:
             f"{convolution_seconds:.3f} s of the {base:.3f} s step: {flops / 1e9 / convolution_seconds:.0f} GFLOP/s "
             f"on {args.threads} threads; a 2048x2048 matrix product reaches {matmul_gflops():.0f} GFLOP/s"
         )
+
+
+def time_recipes(args) -> None:
+    """One step of each multi-lab recipe, and a whole run's cost (an epoch: one pass over BloodMNIST's
+    share of the batches)."""
+    try:
+        from leave_one_lab_out import VARIANTS
+    except ImportError:  # run from another folder
+        from benchmarks.leave_one_lab_out import VARIANTS
+    from bloodcell.training import sampling
+
+    print("| recipe | model | px | s per step | images per step | ms per image | steps per run | run (min) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.recipes:
+        config = VARIANTS[name]
+        train = bloodmnist.load(args.data_dir, size=config.image_size).train
+        seconds = time_steps(config, train, args.steps)
+        first = sampling.per_batch(sampling.shares(2, config.lab_share, True), config.batch_size)[0]
+        steps = -(-len(train) // first) * config.epochs
+        print(f"| {name} | {config.model} | {config.image_size} | {seconds:.3f} | {config.batch_size} | "
+              f"{1000 * seconds / config.batch_size:.2f} | {steps} | {seconds * steps / 60:.1f} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ def read_lab(folder: str | Path, size: int, crop: str, progress: bool = False) -
         for sub in sorted(p for p in folder.iterdir() if p.is_dir() and class_named(p.name))
         if not decode.find_images([sub])
     ]
-    groups = _groups(folder, files)
+    groups = groups_of(folder, files)
     framing = Crop.parse(crop)
 
     def framed(path: Path):
@@ -126,7 +126,7 @@ def read_lab(folder: str | Path, size: int, crop: str, progress: bool = False) -
     )
 
 
-def _groups(folder: Path, files: list[Path]) -> dict[Path, str]:
+def groups_of(folder: Path, files: list[Path]) -> dict[Path, str]:
     """Each file's group from `manifest.csv` (relative `file` paths), else the file itself."""
     groups = {path: str(path.relative_to(folder)) for path in files}
     manifest = folder / MANIFEST
