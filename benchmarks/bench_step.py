@@ -208,8 +208,9 @@ def time_recipes(args) -> None:
         seconds = time_steps(config, train, args.steps)
         first = sampling.per_batch(sampling.shares(2, config.lab_share, True), config.batch_size)[0]
         steps = -(-len(train) // first) * config.epochs
+        per_image = 1000 * seconds / config.batch_size
         print(f"| {name} | {config.model} | {config.image_size} | {seconds:.3f} | {config.batch_size} | "
-              f"{1000 * seconds / config.batch_size:.2f} | {steps} | {seconds * steps / 60:.1f} |", flush=True)  # fmt: skip
+              f"{per_image:.2f} | {steps} | {seconds * steps / 60:.1f} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
