@@ -106,9 +106,14 @@ def export_onnx(run_dir: Path, out: Path) -> dict:
     return {"onnx": str(out), "model_card": str(card), "opset": OPSET, "bytes": out.stat().st_size}
 
 
-def model_card(classifier: Classifier, run_dir: Path, onnx_path: Path | None = None) -> str:
-    """A short Markdown card from the run's record: data, recipe, metrics, calibration, limits."""
+def model_card(
+    classifier: Classifier, run_dir: Path, onnx_path: Path | None = None, licences: dict[str, str] | None = None
+) -> str:
+    """A short Markdown card from the run's record: data (each lab folder too, with its licence where
+    `licences` names it), recipe, metrics, calibration, limits."""
     record = classifier.record
+    labs = record.data.get("labs", [])
+    licences = licences or {}
     config = record.train_config
     metrics = record.metrics
     lines = [
@@ -132,7 +137,14 @@ def model_card(classifier: Classifier, run_dir: Path, onnx_path: Path | None = N
         )
         + ".",
         f"- Training data: {record.data.get('file', 'unknown')} (MD5 {record.data.get('md5', '?')}). BloodMNIST "
-        "(MedMNIST v2, CC BY 4.0; Yang et al. 2023) from the PBC dataset (Acevedo et al. 2020, CC BY 4.0).",
+        "(MedMNIST v2, CC BY 4.0; Yang et al. 2023) from the PBC dataset (Acevedo et al. 2020, CC BY 4.0)"
+        + (", and these labs' labelled cells:" if labs else "."),
+        *(
+            f"  - {lab['name']}: {lab['images']} images ({_counts(lab['per_class'])}), {lab['groups']} groups; "
+            f"trained on {lab['trained_on']}, {lab['held_out']} held out to calibrate and score. "
+            f"Licence: {licences.get(lab['name'], 'as its source states')}."
+            for lab in labs
+        ),
         "",
         "## Test metrics",
         "",
@@ -167,14 +179,25 @@ def model_card(classifier: Classifier, run_dir: Path, onnx_path: Path | None = N
         "",
         "## Known limits",
         "",
-        "- Trained on one lab's images (the PBC dataset: CellaVision DM96, May-Grünwald Giemsa). On other labs' "
-        "microscopes, stains and framings accuracy is lower; see the README's cross-lab section for measured "
-        "figures, and fine-tune with `bloodcell finetune` on a few of your own labelled cells.",
-        "- One cell per image; no detection of several cells beyond a review flag.",
+        (
+            f"- Trained on {1 + len(labs)} labs' images; on a lab it has not seen (another microscope, camera or "
+            "stain) accuracy is lower: see docs/other-labs.md for the leave-one-lab-out figures"
+            if labs
+            else "- Trained on one lab's images (the PBC dataset: CellaVision DM96, May-Grünwald Giemsa). On other "
+            "labs' microscopes, stains and framings accuracy is lower: see docs/other-labs.md"
+        )
+        + ". Measure it on a few hundred of your own labelled cells (`bloodcell evaluate --images`) and fine-tune "
+        "with `bloodcell finetune`.",
+        "- Fields: with crop `cell`, every white cell of a field photograph is found and classified; cells cut by "
+        "the border are listed, not counted.",
         "- Not a medical device: a reviewer confirms every count.",
         *(f"- {warning}" for warning in record.warnings),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _counts(per_class: dict[str, int]) -> str:
+    return ", ".join(f"{name} {n}" for name, n in per_class.items())
 
 
 def _test_ci(run_dir: Path) -> list[float] | None:
