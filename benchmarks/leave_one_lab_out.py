@@ -2,6 +2,7 @@
 
     python benchmarks/leave_one_lab_out.py VARIANT [VARIANT ...] --data-dir DIR [--seeds 0 1 2]
         [--held-out pbc chula lisc] [--runs KEEP_DIR] [--all-labs] [--show-test] [--epochs N]
+    python benchmarks/leave_one_lab_out.py --table A/leave_one_lab_out.json B/... [--runs OUT]
 
 DIR holds the BloodMNIST file of the variant's image size (`bloodcell build-data` makes the 64 and
 128 px ones), `labs/chula` and `labs/lisc` (trainable lab folders with group manifests),
@@ -40,6 +41,7 @@ from bloodcell.datasets.folders import labelled_folders
 from bloodcell.datasets.labs import read_lab
 from bloodcell.evaluation.provenance import mean_std, stamp, stamp_line
 from bloodcell.evaluation.scoring import score_records
+from bloodcell.files import write_json
 from bloodcell.inference.classifier import PredictOptions
 from bloodcell.reporting import plots
 from bloodcell.training.augment import AugmentConfig
@@ -52,19 +54,7 @@ LABS = ("pbc", "chula", "lisc")
 # Photometric and stain augmentation of the cross-lab recipe, in the units of a 28 px image.
 PHOTO = AugmentConfig(stain=0.15, brightness=0.15, contrast=0.15, gamma=0.2, saturation=0.25, blur=0.8, scale=0.15)
 RES28 = replace(PRESETS["crosslab"], lab_share=0.5)  # res-small, 15 epochs, Lab colour, PHOTO, crop cell
-LITE64 = TrainConfig(
-    model="efficientnet-lite0",
-    image_size=64,
-    pretrained=True,
-    normalize="study",  # mean/std 0.5: what the ImageNet weights were trained with
-    epochs=4,
-    batch_size=96,
-    lr=1e-3,
-    label_smoothing=0.1,
-    colour="lab",
-    crop="cell",
-    augment=replace(PHOTO, translate=4, blur=1.8),
-)
+LITE64 = PRESETS["multilab"]  # the packaged recipe: ImageNet Lite0 at 64 px, Lab colour, PHOTO + translate, blur
 VARIANTS: dict[str, TrainConfig] = {
     "res28": RES28,
     "res28-nolab": replace(RES28, colour="none"),
@@ -131,17 +121,26 @@ def train_without(held_out: str, config: TrainConfig, labs: dict, dataset, run_d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("variants", nargs="+", choices=list(VARIANTS))
-    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("variants", nargs="*", choices=list(VARIANTS))
+    parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--held-out", nargs="+", choices=LABS, default=list(LABS))
     parser.add_argument("--runs", type=Path, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--all-labs", action="store_true", help="also train on all three labs")
     parser.add_argument("--show-test", action="store_true", help="print the all-labs model's test accuracy")
     parser.add_argument("--epochs", type=int, help="override every variant's epochs (a quick look, not a result)")
+    parser.add_argument(
+        "--table", type=Path, nargs="+", metavar="JSON", help="join earlier runs' leave_one_lab_out.json into one table"
+    )
     args = parser.parse_args()
+    if args.table:
+        joined(args.table, args.runs or Path("."))
+        return
+    if not args.variants or not args.data_dir:
+        parser.error("give the variants and --data-dir (or --table JSON...)")
     print(stamp_line(), flush=True)
     keep = args.runs or Path(tempfile.mkdtemp(prefix="lolo-"))
+    keep.mkdir(parents=True, exist_ok=True)
     pbc_files = [args.data_dir / "pbc_sample" / c.replace(" ", "_") for c in WHITE_CELLS]
     pbc_folder = Path(tempfile.mkdtemp(prefix="pbc-white-cells-"))
     for source in pbc_files:  # pbc_sample's white-cell folders, as one labelled folder
@@ -180,11 +179,24 @@ def main() -> None:
                     row["bloodmnist_test_flagged"] = record.metrics["test"].get("flagged_fraction")
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                write_json(keep / "leave_one_lab_out.json", {"stamp": stamp(), "rows": rows})  # after each run
     table = markdown(rows)
     print(table)
-    (keep / "leave_one_lab_out.json").write_text(json.dumps({"stamp": stamp(), "rows": rows}, indent=1))
     figure(rows, keep / "leave_one_lab_out.png")
     print(f"wrote {keep / 'leave_one_lab_out.json'} and .png")
+
+
+def joined(files: list[Path], out: Path) -> None:
+    """One table and figure from the rows of several invocations (each keeps its own stamp)."""
+    parts = [json.loads(f.read_text()) for f in files]
+    rows = [row for part in parts for row in part["rows"]]
+    for part, f in zip(parts, files, strict=True):
+        print(f"{f}: {part['stamp']}")
+    print(markdown(rows))
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "leave_one_lab_out.json", {"stamp": stamp(), "joined": [p["stamp"] for p in parts], "rows": rows})
+    figure(rows, out / "leave_one_lab_out.png")
+    print(f"wrote {out / 'leave_one_lab_out.json'} and .png")
 
 
 def _stats(values: list) -> str:

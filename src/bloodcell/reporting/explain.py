@@ -20,7 +20,7 @@ from torch import nn
 from bloodcell import runs
 from bloodcell.errors import BloodcellError
 from bloodcell.images import crops, decode
-from bloodcell.inference.classifier import Classifier
+from bloodcell.inference.classifier import Classifier, PredictOptions
 from bloodcell.inference.network import model_input
 from bloodcell.reporting import plots
 
@@ -94,6 +94,15 @@ def explain_image(classifier: Classifier, image: np.ndarray, class_name: str | N
     return grad_cam(classifier.model, x, class_index, classifier.temperature, classifier.masked)
 
 
+def _free_name(out_dir: Path, stem: str, suffix: str, taken: Sequence[Path]) -> Path:
+    """`<stem><suffix>`, numbered if another file of this run already took the name."""
+    target, n = Path(out_dir) / f"{stem}{suffix}", 1
+    while target in taken:
+        n += 1
+        target = Path(out_dir) / f"{stem}-{n}{suffix}"
+    return target
+
+
 def explain_file(
     classifier: Classifier,
     path: Path,
@@ -101,27 +110,37 @@ def explain_file(
     class_name: str | None = None,
     crop: str | None = None,
     taken: Sequence[Path] = (),
-) -> Path:
+) -> list[Path]:
     """Explain a full-size image file; the overlay is drawn on the cropped original at full resolution.
 
-    The file goes through the same decode path (and size checks) as `predict`, decoded once. Its
-    figure is `<stem>_gradcam.png`, numbered if another file of this run already took the name.
+    The file goes through the same decode path (and size checks) as `predict`, decoded once. A
+    crop's figure is `<stem>_gradcam.png`. A field (an image `predict` would read as several white
+    cells) gets `<stem>_cells.png`, every cell's box with its class, and one Grad-CAM figure per
+    cell, `<stem>_cell<k>_gradcam.png`, so that each count can be traced to what drove it.
     """
     try:
         image = decode.open_image(path)
     except decode.ImageError as exc:
         raise BloodcellError(f"{path}: {exc}") from None
     crop = crop or classifier.record.preprocessing.crop
+    prepared = classifier.prepare_cells(image, PredictOptions(crop=crop))
+    whole = np.asarray(image)
+    if prepared.field:
+        records = classifier.classify_prepared([str(path)], [prepared], PredictOptions(crop=crop))
+        written = [plots.field_boxes(whole, records, _free_name(out_dir, Path(path).stem, "_cells.png", taken),
+                                     f"{Path(path).name}: {len(prepared.cells)} white cells")]  # fmt: skip
+        for k, (cell_input, frame) in enumerate(prepared.cells, start=1):
+            explanation = explain_image(classifier, cell_input, class_name)
+            target = _free_name(out_dir, f"{Path(path).stem}_cell{k}", "_gradcam.png", [*taken, *written])
+            original = (whole, frame.box(), f"cell {k} of {len(prepared.cells)}")
+            written.append(render(classifier, explanation, cell_input, target, f"{path} cell {k}", original))
+        return written
     model_input, found = classifier.prepare(image, crop)
     square, _ = crops.frame(image, runs.Crop.parse(crop))
-    shown = np.asarray(square)
     explanation = explain_image(classifier, model_input, class_name)
-    target, n = Path(out_dir) / f"{Path(path).stem}_gradcam.png", 1
-    while target in taken:
-        n += 1
-        target = Path(out_dir) / f"{Path(path).stem}-{n}_gradcam.png"
-    source = (np.asarray(image), found.box(), "cell found" if found.found else "no cell found") if found else None
-    return render(classifier, explanation, shown, target, str(path), source)
+    target = _free_name(out_dir, Path(path).stem, "_gradcam.png", taken)
+    source = (whole, found.box(), "cell found" if found.found else "no cell found") if found else None
+    return [render(classifier, explanation, np.asarray(square), target, str(path), source)]
 
 
 def render(

@@ -253,6 +253,33 @@ def gradcam(
     return _save(fig, path)
 
 
+def field_boxes(field: np.ndarray, records: list[dict], path: Path, title: str) -> Path:
+    """A field with every white cell's box and its class: green counted, orange flagged for review,
+    dashed grey cut by the border and left out of the count."""
+    height, width = field.shape[:2]
+    fig, ax = plt.subplots(figsize=(min(12.0, 2.0 + 8.0 * width / max(height, 1)), 8.4))
+    ax.imshow(field)
+    for record in records:
+        if not record.get("cell"):
+            continue
+        left, top, right, bottom = record["cell"]["box"]
+        colour = "grey" if not record.get("counted") else "orange" if record.get("review") else "lime"
+        style = "--" if not record.get("counted") else "-"
+        ax.add_patch(Rectangle((left, top), right - left, bottom - top, fill=False, color=colour, lw=2, ls=style))
+        number = record["cell"].get("index")
+        label = (
+            f"{'' if number is None else number + 1} {record.get('class') or '?'} {record.get('probability') or 0:.2f}"
+        )
+        ax.text(left, top - 4, label.strip(), color="black", fontsize=8,
+                bbox={"facecolor": colour, "alpha": 0.85, "pad": 1.5, "lw": 0})  # fmt: skip
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
 def roc_curves(labels: np.ndarray, probs: np.ndarray, path: Path) -> Path:
     """One-vs-rest ROC curve per class, AUC in the legend."""
     from sklearn.metrics import roc_auc_score, roc_curve

@@ -170,13 +170,13 @@ def _cell(stats: dict | None, metric: str = "") -> str:
 
 
 def results_table(models: dict) -> tuple[list[str], list[list[str]]]:
-    """Rows of metrics; per model, one column per protocol run and one for the published value.
+    """Rows of metrics; per model, one column per protocol run and one for the value the paper printed.
 
     `models` maps model -> protocol -> metric -> {mean, std, folds} (results.json's "models").
     """
     header = ["metric"]
     for model in MODELS:
-        header += [f"{model} ({protocol})" for protocol in models[model]] + [f"{model} (published)"]
+        header += [f"{model} ({protocol})" for protocol in models[model]] + [f"{model} (paper)"]
     rows = []
     for metric in TABLE_METRICS:
         row = [metric]

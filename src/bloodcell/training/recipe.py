@@ -155,6 +155,21 @@ PRESETS: dict[str, TrainConfig] = {
     "default-64": TrainConfig(model="res-small-64", image_size=64),
     "default-128": TrainConfig(model="res-small-128", image_size=128),
     "crosslab": TrainConfig(epochs=15, label_smoothing=0.1, colour="lab", crop="cell", augment=CROSS_LAB_AUGMENT),
+    # The packaged model's recipe: ImageNet EfficientNet-Lite0 fine-tuned at 64 px on BloodMNIST plus
+    # lab folders (`--labs`, required), chosen on benchmarks/leave_one_lab_out.py (docs/other-labs.md).
+    "multilab": TrainConfig(
+        model="efficientnet-lite0",
+        image_size=64,
+        pretrained=True,
+        normalize="study",  # mean/std 0.5: what the ImageNet weights were trained with
+        epochs=4,
+        batch_size=96,
+        lr=1e-3,
+        label_smoothing=0.1,
+        colour="lab",
+        crop="cell",
+        augment=replace(CROSS_LAB_AUGMENT, translate=4, blur=1.8),
+    ),
     "fast": TrainConfig(model="res-small", epochs=15, label_smoothing=0.1, augment=AugmentConfig()),
     "study": TrainConfig(
         model="seed-cnn",
@@ -171,6 +186,8 @@ PRESETS: dict[str, TrainConfig] = {
     ),
 }
 
+
+PRESETS_NEEDING_LABS = ("multilab",)  # recipes that mean nothing without lab folders to train on
 
 RECOMMENDED_DISTILL = 0.7  # the distillation weight `train --teacher` uses unless told otherwise
 
