@@ -121,7 +121,7 @@ def train_without(held_out: str, config: TrainConfig, labs: dict, dataset, run_d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("variants", nargs="*", choices=list(VARIANTS))
+    parser.add_argument("variants", nargs="*", metavar="VARIANT", help=f"one of {', '.join(VARIANTS)}")
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--held-out", nargs="+", choices=LABS, default=list(LABS))
@@ -138,6 +138,9 @@ def main() -> None:
         return
     if not args.variants or not args.data_dir:
         parser.error("give the variants and --data-dir (or --table JSON...)")
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     print(stamp_line(), flush=True)
     keep = args.runs or Path(tempfile.mkdtemp(prefix="lolo-"))
     keep.mkdir(parents=True, exist_ok=True)

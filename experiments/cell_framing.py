@@ -1,6 +1,6 @@
 """How the cell finder frames PBC images compared with MedMNIST's crop (not part of the test suite).
 
-    python benchmarks/cell_framing.py --data-dir ../shared/data [--show frames.png]
+    python experiments/cell_framing.py --data-dir ../shared/data [--show frames.png]
 
 On the 400 full-size images of `pbc_sample/`, MedMNIST's frame is known exactly: the central
 200 x 200 px. Prints, per class, how far the found frame's centre is from it (in frame widths),
@@ -9,6 +9,8 @@ the ratio of the sides, how the scale was measured, and the side the tight-crop 
 red cells) as a ratio of the true side: the rule is right on the median cell but not per class,
 so on tight crops it takes away cell size as a cue. `--show` writes a contact sheet of the worst
 frames.
+
+The answer is documented in docs/real-images.md#framing---crop.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Cross-lab recipe selection: in-domain validation accuracy beside accuracy on another lab's cells.
 
-    python benchmarks/cross_lab.py VARIANT [VARIANT ...] --data-dir ../shared/data [--pbc-val DIR]
+    python experiments/cross_lab.py VARIANT [VARIANT ...] --data-dir ../shared/data [--pbc-val DIR]
                                    [--runs KEEP_DIR] [--seeds 42 0 1] [--show-test] [--classes NAMES]
 
 For each variant (a named training recipe below): trains on the training split, then prints one
@@ -13,6 +13,8 @@ mean +- std and the seeds' runs as one ensemble (averaged probabilities) on `ood
 test split is scored by training's own last step and printed only with `--show-test`, for
 the final recipe. With `--classes`, `ood_dev` is scored with the answers restricted to those
 classes (`bloodcell evaluate --classes`), as for a lab that counts white cells only.
+
+The answer is documented in docs/other-labs.md#single-lab-recipes.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """How far a run's features can go on another lab: linear probes on `ood_dev`, no fine-tuning.
 
-    python benchmarks/feature_probe.py RUN --data-dir ../shared/data [--shots 10 25] [--draws 5]
+    python experiments/feature_probe.py RUN --data-dir ../shared/data [--shots 10 25] [--draws 5]
 
 Takes the network's frozen features (the input of its last layer, length-normalised) for every
 `ood_dev` image with the run's own crop, and fits a logistic regression over the classes present:
@@ -8,6 +8,8 @@ on all images with k-fold cross-validation (the most the features can give with 
 lab's labels), and on that many images per class, drawn as `finetune_curve.py` draws them, scored
 on the rest. Zero-shot accuracy, restricted to the same classes, is the first line. If the probes
 stay low, the features, not the way of adapting them, are what bounds few-shot adaptation.
+
+The answer is documented in docs/other-labs.md#single-lab-recipes.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """Fit the 28 px MedMNIST emulation filter on half of the PBC sample; report RMS on the other half.
 
-    python benchmarks/fit_medmnist_filter.py --data-dir ../shared/data [--write]
+    python experiments/fit_medmnist_filter.py --data-dir ../shared/data [--write]
 
 Fits on the even rows of pbc_sample/labels.csv (25 images per class), evaluates on the odd rows,
-and with --write stores the weights in src/bloodcell/medmnist_filter.json.
+and with --write stores the weights in src/bloodcell/images/medmnist_filter.json.
+
+The answer is documented in docs/real-images.md#preprocessing-matched-to-medmnist.
 """
 
 from __future__ import annotations

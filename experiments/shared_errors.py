@@ -1,6 +1,6 @@
 """Which validation images do several runs all get wrong, and does a soft vote of the runs help?
 
-    python benchmarks/shared_errors.py RUN [RUN ...] --data-dir DIR [--out shared_errors.png]
+    python experiments/shared_errors.py RUN [RUN ...] --data-dir DIR [--out shared_errors.png]
 
 Each run is scored on the validation split of its own image size (8-view TTA); the soft vote
 averages their calibrated probabilities (every run must hold the same images, which `build-data`
@@ -9,6 +9,8 @@ vote's, and every image all runs get wrong, with its label and each run's answer
 images side by side (at the largest size) as a PNG to look at. Errors that every model shares are
 where more capacity or a vote cannot help: ambiguous cells, or labels a second reader might
 dispute. The test split is never read here.
+
+The answer is documented in docs/full-resolution.md#where-the-last-errors-are.
 """
 
 from __future__ import annotations

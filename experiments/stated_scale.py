@@ -1,6 +1,6 @@
 """Does a known magnification fix other labs' tight crops? (not part of the test suite)
 
-    python benchmarks/stated_scale.py RUN [RUN...] --data-dir ../shared/data
+    python experiments/stated_scale.py RUN [RUN...] --data-dir ../shared/data
 
 Tight crops have no whole red cells, so `--crop cell` sizes their frame from the white cell's own
 extent, which takes away cell size as a cue. A lab that knows its magnification can state a red
@@ -10,6 +10,8 @@ on `pbc_sample` gives BloodMNIST's 73 px; the crops are cut from larger photos t
 their magnification relative to the fields comes from the white cells' median extents, class by
 class. Then each folder is scored with the cell finder's own scale and with the stated one;
 with several runs (seeds), mean +- std.
+
+The answer is documented in docs/other-labs.md#single-lab-recipes.
 """
 
 from __future__ import annotations

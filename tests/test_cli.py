@@ -217,6 +217,7 @@ def test_bad_thread_count_and_bad_usage(monkeypatch):
     assert call_cli("predict", check=False).returncode == 2  # argparse: missing arguments
 
 
+@pytest.mark.slow  # a fresh Python process importing torch: 3 s of the one-minute fast lane
 def test_the_installed_command_runs_as_a_subprocess(synthetic_run, cell_images):
     result = run_cli("predict", synthetic_run, cell_images[0], "--top-k", "1")
     assert "1 of 1 images classified" in result.stdout

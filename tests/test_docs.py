@@ -3,6 +3,7 @@ and an install section that works as written."""
 
 from __future__ import annotations
 
+import ast
 import re
 import shlex
 import subprocess
@@ -108,3 +109,12 @@ def test_the_install_section_works_in_a_fresh_virtual_environment(tmp_path, pbc_
     assert result.returncode == 0, result.stderr[-2000:]
     assert "1 of 1 images classified" in result.stdout and "packaged with bloodcell" in result.stderr
     assert sys.prefix not in result.stderr  # the environment's own copy ran, not this checkout's
+
+
+@pytest.mark.parametrize("script", sorted((REPO / "experiments").glob("*.py")), ids=lambda p: p.name)
+def test_every_experiment_says_where_its_answer_is_documented(script):
+    docstring = ast.get_docstring(ast.parse(script.read_text())) or ""
+    assert f"python experiments/{script.name}" in docstring, f"{script.name}: no command line in its docstring"
+    found = re.search(r"documented in (docs/[\w-]+\.md)#([\w-]+)", docstring)
+    assert found, f"{script.name}: does not say where its answer is documented"
+    assert found.group(2) in _anchors(REPO / found.group(1)), f"{script.name}: no #{found.group(2)} in {found.group(1)}"

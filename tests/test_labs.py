@@ -175,3 +175,10 @@ def test_a_bad_lab_folder_is_one_line_and_writes_nothing(synthetic_file, tmp_pat
     )  # fmt: skip
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "macrophage" in result.stderr
     assert not out.exists()
+
+
+def test_the_multilab_preset_without_lab_folders_is_one_line(synthetic_file, tmp_path):
+    out = tmp_path / "run"
+    result = call_cli("train", "--data-file", synthetic_file, "--preset", "multilab", "--out", out, check=False)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "--labs DIR" in result.stderr
+    assert not out.exists()

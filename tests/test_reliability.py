@@ -90,6 +90,7 @@ def test_folders_are_walked_past_what_cannot_be_used(synthetic_run, cell_images,
     assert "skipped 2 files that are not images (.csv 1, .txt 1)" in result.stderr
 
 
+@pytest.mark.slow  # a fresh Python process under setpriv: 3 s of the one-minute fast lane
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and util-linux setpriv")
 def test_an_unreadable_subfolder_is_reported_and_skipped(synthetic_run, cell_images, tmp_path):
     """Run as root without the capabilities that bypass permissions (root reads every folder):

@@ -35,6 +35,7 @@ from bloodcell.images.decode import ImageError
 COARSE_SIDE = 160  # short side of the first pass, which measures the red cells
 RED_CELL_PX = 20.0  # a red cell's diameter in the second pass
 MAX_SIDE = 400  # the second pass's short side at most (a very low magnification)
+RED_CELLS_ACROSS = 5.0  # red cells across a field's short side, assumed where they cannot be measured
 MIN_STAIN = 15.0  # blue minus green, grey levels: the weakest nucleus stain counted at all
 STAIN_LEVEL = 0.45  # the stain threshold between the field's median and its 99.5th percentile
 MIN_AREA = 0.15  # of a red cell's area
@@ -85,7 +86,7 @@ def find_white_cells(image: Image.Image, red_cell: float | None = None) -> Field
     the measurement for a lab that knows its magnification."""
     stated = red_cell is not None
     red_cell = red_cell if stated else measure_red_cell(image)
-    assumed = red_cell or min(image.size) / 5  # unmeasured: about five red cells across the short side
+    assumed = red_cell or min(image.size) / RED_CELLS_ACROSS  # unmeasured: a typical field's magnification
     pixels, scale = _working(image, min(min(image.size) * RED_CELL_PX / assumed, MAX_SIDE))
     stain, mask = _stain(pixels)
     if mask.mean() > MAX_STAINED:
