@@ -28,7 +28,7 @@ import torch
 
 import bloodcell
 from bloodcell import runs
-from bloodcell.evaluation.provenance import cpu_model
+from bloodcell.evaluation.provenance import cpu_model, mean_std
 from bloodcell.files import write_json, write_text
 from bloodcell.inference.export import model_card
 from bloodcell.training.recipe import PRESETS
@@ -57,11 +57,8 @@ def lolo_table(path: Path) -> str:
         group = [r["held_out_scores"] for r in rows if r["held_out"] == lab]
         if not group:
             continue
-        cells = []
-        for key in ("accuracy", "macro_recall", "flagged_fraction", "selective_accuracy"):
-            values = torch.tensor([g[key] for g in group if g.get(key) is not None], dtype=torch.float64)
-            std = f" ± {values.std().item():.3f}" if len(values) > 1 else ""
-            cells.append(f"{values.mean().item():.3f}{std}" if len(values) else "-")
+        cells = [mean_std([g[k] for g in group if g.get(k) is not None], 3) for k in
+                 ("accuracy", "macro_recall", "flagged_fraction", "selective_accuracy")]  # fmt: skip
         lines.append(f"| {lab} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

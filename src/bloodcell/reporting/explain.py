@@ -135,7 +135,7 @@ def explain_file(
             original = (whole, frame.box(), f"cell {k} of {len(prepared.cells)}")
             written.append(render(classifier, explanation, cell_input, target, f"{path} cell {k}", original))
         return written
-    model_input, found = classifier.prepare(image, crop)
+    model_input, found = prepared.cells[0]  # a crop: its one cell, as `predict` framed it
     square, _ = crops.frame(image, runs.Crop.parse(crop))
     explanation = explain_image(classifier, model_input, class_name)
     target = _free_name(out_dir, Path(path).stem, "_gradcam.png", taken)
