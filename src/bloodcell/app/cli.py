@@ -1108,6 +1108,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if reports:
             print(f"bloodcell: error: {printable(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as exc:  # a path the system refuses (too long, no permission ...): name it, one line
+        if reports:
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"bloodcell: error: {printable(where + (exc.strerror or str(exc)))}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("bloodcell: interrupted", file=sys.stderr)
         return 130
