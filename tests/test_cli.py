@@ -187,6 +187,8 @@ CASES = {
     "merge csv under /proc": (["merge", "{a_file}", "--csv", "/proc/bloodcell/m.csv"], "cannot write"),
     "evaluate unreadable images": (["evaluate", "{run}", "--images", "{unreadable_lab}"], "none of the 3 images"),
     "an EPS file": (["explain", "{run}", "{eps}", "--out", "{tmp}/x"], "not an image file bloodcell reads"),
+    "csv over an input image": (["predict", "{run}", "{image}", "--csv", "{image}"], "is one of the inputs"),
+    "merge csv over a part": (["merge", "{a_file}", "--csv", "{a_file}"], "is one of the inputs"),
     "lab folder name too long": (["evaluate", "{run}", "--images", "x" * 300], "File name too long"),
     "image name too long": (["predict", "{run}", "y" * 300 + ".png"], "File name too long"),
     "run name too long": (["train", "--data-file", "{tiny_set}", "--out", "{tmp}/" + "z" * 300], "name too long"),

@@ -17,7 +17,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,12 +48,15 @@ def _target(path: Path) -> Path:
         raise BloodcellError(f"{printable(path)}: cannot write (a broken chain of symbolic links: {exc})") from None
 
 
-def check_writable(path: str | os.PathLike) -> Path:
-    """Refuse now, with one line, a path that writing would fail on later (before hours of work)."""
+def check_writable(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Refuse now, with one line, a path that writing would fail on later (before hours of work), or
+    one that would replace a file the command reads (`inputs`)."""
     path = Path(path)
     target = _target(path)
     if target.is_dir():
         raise BloodcellError(f"{printable(path)}: is a folder; give a file name")
+    if target.is_file() and any(Path(p).is_file() and os.path.samefile(p, target) for p in inputs):
+        raise BloodcellError(f"{printable(path)}: is one of the inputs; give another file name")
     if target.exists() and not target.is_file():
         if not os.access(target, os.W_OK):
             raise BloodcellError(f"{printable(path)}: cannot write (permission denied)")

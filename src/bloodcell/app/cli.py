@@ -801,7 +801,7 @@ def cmd_predict(args: argparse.Namespace) -> Output:
 
     shard = _parse_shard(args.shard) if args.shard else None
     if args.csv:
-        check_writable(args.csv)  # before the work, not after it
+        check_writable(args.csv, inputs=args.paths)  # before the work, not after it
     note = _run_or_packaged(args, "paths")
     classifier = _classifier(args)
     options = _prediction_options(args)
@@ -883,7 +883,7 @@ def cmd_merge(args: argparse.Namespace) -> Output:
     from bloodcell.inference.differential import differential, format_differential
 
     if args.csv:
-        check_writable(args.csv)
+        check_writable(args.csv, inputs=args.parts)
     parts = [read_json(p) for p in args.parts]
     identity = ("of", "files_in_all_shards", "listing_sha256", "run_sha256", "options")
     for path, part in zip(args.parts, parts):
