@@ -54,6 +54,10 @@ LABS = ("pbc", "chula", "lisc")
 # Photometric and stain augmentation of the cross-lab recipe, in the units of a 28 px image.
 PHOTO = AugmentConfig(stain=0.15, brightness=0.15, contrast=0.15, gamma=0.2, saturation=0.25, blur=0.8, scale=0.15)
 RES28 = replace(PRESETS["crosslab"], lab_share=0.5)  # res-small, 15 epochs, Lab colour, PHOTO, crop cell
+# Stronger stain, colour, blur and zoom: labs differ most in sharpness and magnification.
+STRONG = replace(
+    PHOTO, translate=4, stain=0.3, brightness=0.25, contrast=0.25, gamma=0.3, saturation=0.4, blur=3.0, scale=0.5
+)
 LITE64 = PRESETS["multilab"]  # the packaged recipe: ImageNet Lite0 at 64 px, Lab colour, PHOTO + translate, blur
 VARIANTS: dict[str, TrainConfig] = {
     "res28": RES28,
@@ -65,21 +69,9 @@ VARIANTS: dict[str, TrainConfig] = {
     "lite64-frozenbn": replace(LITE64, freeze_norm=True),
     "lite64-ema": replace(LITE64, ema_decay=0.998),
     "lite64-long": replace(LITE64, epochs=8),
-    # stronger stain, colour, blur and zoom: labs differ most in sharpness and magnification
-    "lite64-strong": replace(
-        LITE64,
-        augment=replace(
-            PHOTO,
-            translate=4,
-            stain=0.3,
-            brightness=0.25,
-            contrast=0.25,
-            gamma=0.3,
-            saturation=0.4,
-            blur=3.0,
-            scale=0.5,
-        ),
-    ),
+    "lite64-strong": replace(LITE64, augment=STRONG),
+    "lite64-frozenbn-strong": replace(LITE64, freeze_norm=True, augment=STRONG),
+    "lite64-frozenbn-nolab": replace(LITE64, freeze_norm=True, colour="none"),
     "lite96": replace(LITE64, image_size=96, augment=replace(PHOTO, translate=6, blur=2.7)),
 }
 
