@@ -50,6 +50,41 @@ def synthetic_field(path, nuclei=((300, 200), (700, 420)), cut=(1190, 300), size
     return path
 
 
+def packed_field(path, nuclei=(), pale=(), size=(1440, 900), seed=0):
+    """Red cells packed so close that few are whole and round (the scale cannot be measured from
+    them), with white-cell nuclei and pale bluish discs (a rim's colour fringe, not a nucleus)."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", size, (235, 215, 215))
+    draw = ImageDraw.Draw(image)
+    for _ in range(900):
+        x, y = rng.uniform(0, size[0]), rng.uniform(0, size[1])
+        if min((np.hypot(x - nx, y - ny) for nx, ny in nuclei), default=np.inf) > 70:
+            draw.ellipse((x - 30, y - 30, x + 30, y + 30), fill=RED, outline=(180, 95, 110), width=4)
+    for x, y in nuclei:
+        draw.ellipse((x - 38, y - 38, x + 38, y + 38), fill=NUCLEUS)
+    for x, y in pale:
+        draw.ellipse((x - 38, y - 38, x + 38, y + 38), fill=(235, 215, 250))
+    image.save(path)
+    return path
+
+
+def test_two_cells_side_by_side_stay_two_where_the_red_cells_cannot_be_measured(tmp_path):
+    """The scale comes from the field's nuclei, not from an assumed magnification that would merge them."""
+    image = decode.open_image(packed_field(tmp_path / "f.png", nuclei=((500, 450), (605, 450), (1100, 300))))
+    measured, guessed = fields.first_pass_scale(image)
+    assert measured is None and 50 < guessed < 80  # nuclei 76 px across, a red cell 60 px
+    scan = fields.find_white_cells(image)
+    centres = sorted((c.centre_x, c.centre_y) for c in scan.cells)
+    assert len(centres) == 3 and all(
+        np.hypot(x - cx, y - cy) < 10 for (x, y), (cx, cy) in zip(centres, [(500, 450), (605, 450), (1100, 300)])
+    )
+
+
+def test_pale_bluish_discs_are_not_white_cells(tmp_path):
+    image = decode.open_image(packed_field(tmp_path / "f.png", pale=((500, 450), (1000, 300))))
+    assert fields.find_white_cells(image).cells == ()
+
+
 def test_every_white_cell_in_a_field_is_found_and_the_cut_one_marked(tmp_path):
     scan = fields.find_white_cells(decode.open_image(synthetic_field(tmp_path / "f.png")))
     assert scan.is_field and len(scan.cells) == 3

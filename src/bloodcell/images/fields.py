@@ -35,16 +35,19 @@ from bloodcell.images.decode import ImageError
 COARSE_SIDE = 160  # short side of the first pass, which measures the red cells
 RED_CELL_PX = 20.0  # a red cell's diameter in the second pass
 MAX_SIDE = 400  # the second pass's short side at most (a very low magnification)
-RED_CELLS_ACROSS = 5.0  # red cells across a field's short side, assumed where they cannot be measured
+RED_CELLS_ACROSS = 8.0  # red cells across a field's short side at least: the smallest red cell assumed
+NUCLEUS_IN_RED_CELLS = 1.2  # the field's largest well-stained object, in red-cell diameters (BCCD's boxes)
 MIN_STAIN = 15.0  # blue minus green, grey levels: the weakest nucleus stain counted at all
 STAIN_LEVEL = 0.45  # the stain threshold between the field's median and its 99.5th percentile
 MIN_AREA = 0.15  # of a red cell's area
+MIN_DARKNESS = 0.0  # grey levels: an object's darkest tenth below the field's median (a nucleus, not a rim)
 MIN_CONTRAST = 8.0  # grey levels of stain above the object's surroundings
 RELATIVE_CONTRAST = 0.5  # of the most contrasted object in the field
 RELATIVE_AREA = 0.3  # of the most contrasted object's area
 MERGE = 0.6  # red-cell diameters: pieces closer than this are one cell
 FIELD_SIDES = 2.5  # an image this many cell frames across its short side is a field, not a crop
 BORDER_MARGIN = 1  # working pixels: a cell this close to the image's edge is cut by it
+MIN_NUCLEUS_PX = 8  # first-pass pixels: the smallest object that can set the scale
 MAX_CELLS = 40  # more white-cell-like objects than this in one image: debris or not a smear at all
 MAX_STAINED = 0.3  # of the image stained like a nucleus (at most 0.15 in the BCCD and Chula fields): debris
 
@@ -73,31 +76,54 @@ def _stain(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return stain, ndimage.binary_fill_holes(mask)
 
 
-def measure_red_cell(image: Image.Image) -> float | None:
-    """A red cell's diameter in the image's pixels, from its whole, round red cells (None: too few)."""
+def first_pass_scale(image: Image.Image) -> tuple[float | None, float | None]:
+    """A red cell's diameter in the image's pixels, measured from whole, round red cells, and
+    guessed from the field's largest well-stained object (a white cell's nucleus) for fields whose
+    red cells touch or are cut too often to be measured (None: too few red cells; no object)."""
     pixels, scale = _working(image, COARSE_SIDE)
-    _, mask = _stain(pixels)
+    stain, mask = _stain(pixels)
+    _refuse_debris(mask)
     diameters = red_cell_diameters(pixels, mask)
-    return float(np.median(diameters)) / scale if len(diameters) >= MIN_RED_CELLS else None
+    measured = float(np.median(diameters)) / scale if len(diameters) >= MIN_RED_CELLS else None
+    labels, count = ndimage.label(mask)
+    areas = ndimage.sum(mask, labels, range(1, count + 1)) if count else np.zeros(0)
+    candidates = [i for i in range(1, count + 1) if areas[i - 1] >= MIN_NUCLEUS_PX]
+    contrast = {i: _contrast(stain, labels == i, mask) for i in candidates}
+    best = max(contrast.values(), default=0.0)
+    strong = [areas[i - 1] for i in candidates if contrast[i] >= max(MIN_CONTRAST, RELATIVE_CONTRAST * best)]
+    guessed = 2 * np.sqrt(max(strong) / np.pi) / scale / NUCLEUS_IN_RED_CELLS if strong else None
+    return measured, guessed
+
+
+def _refuse_debris(mask: np.ndarray) -> None:
+    if mask.mean() > MAX_STAINED:
+        raise ImageError(
+            f"{mask.mean():.0%} of the image is stained like nuclei (at most {MAX_STAINED:.0%}): debris or no smear"
+        )
 
 
 def find_white_cells(image: Image.Image, red_cell: float | None = None) -> FieldScan:
     """Every white cell in an RGB image, each framed like BloodMNIST; `red_cell` (pixels) replaces
     the measurement for a lab that knows its magnification."""
     stated = red_cell is not None
-    red_cell = red_cell if stated else measure_red_cell(image)
-    assumed = red_cell or min(image.size) / RED_CELLS_ACROSS  # unmeasured: a typical field's magnification
+    measured, guessed = first_pass_scale(image)
+    red_cell = red_cell if stated else measured
+    # unmeasured: from the largest nucleus, but never a red cell smaller than RED_CELLS_ACROSS allow
+    assumed = red_cell or max(guessed or 0.0, min(image.size) / RED_CELLS_ACROSS)
     pixels, scale = _working(image, min(min(image.size) * RED_CELL_PX / assumed, MAX_SIDE))
     stain, mask = _stain(pixels)
-    if mask.mean() > MAX_STAINED:
-        raise ImageError(
-            f"{mask.mean():.0%} of the image is stained like nuclei (at most {MAX_STAINED:.0%}): debris or no smear"
-        )
+    _refuse_debris(mask)
     labels, count = ndimage.label(mask)
-    boxes = ndimage.find_objects(labels)
     areas = ndimage.sum(mask, labels, range(1, count + 1)) if count else np.zeros(0)
     red_area = np.pi / 4 * (assumed * scale) ** 2
-    candidates = [i for i in range(1, count + 1) if areas[i - 1] >= MIN_AREA * red_area]
+    brightness = pixels.mean(axis=2)
+    field_level = float(np.median(brightness))
+    candidates = [
+        i
+        for i in range(1, count + 1)
+        if areas[i - 1] >= MIN_AREA * red_area
+        and field_level - np.percentile(brightness[labels == i], 10) >= MIN_DARKNESS
+    ]
     contrast = {i: _contrast(stain, labels == i, mask) for i in candidates}
     best = max(contrast.values(), default=0.0)
     kept = [i for i in candidates if contrast[i] >= max(MIN_CONTRAST, RELATIVE_CONTRAST * best)]
@@ -111,30 +137,25 @@ def find_white_cells(image: Image.Image, red_cell: float | None = None) -> Field
         )
     frames = []
     for group in _groups(kept, labels, MERGE * assumed * scale, areas):
-        rows = slice(min(boxes[i - 1][0].start for i in group), max(boxes[i - 1][0].stop for i in group))
-        cols = slice(min(boxes[i - 1][1].start for i in group), max(boxes[i - 1][1].stop for i in group))
-        weights = np.array([areas[i - 1] for i in group])
-        centre = np.average([ndimage.center_of_mass(labels == i) for i in group], axis=0, weights=weights)
-        extent = max(rows.stop - rows.start, cols.stop - cols.start) / scale
-        side = FRAME_IN_RED_CELLS * red_cell if red_cell else FRAME_IN_CELL_EXTENTS * extent
-        edge = BORDER_MARGIN  # a cell cut by the border often stains a pixel short of the very edge
-        cut = (
-            min(rows.start, cols.start) <= edge
-            or rows.stop >= mask.shape[0] - edge
-            or cols.stop >= mask.shape[1] - edge
-        )
-        frames.append(
-            CellFrame(
-                centre_x=float(centre[1] + 0.5) / scale,
-                centre_y=float(centre[0] + 0.5) / scale,
-                side=float(side),
-                found=True,
-                candidates=0,
-                scale_from=scale_from,
-                extent=float(extent),
-                cut=bool(cut),
+        for points in [np.argwhere(np.isin(labels, group))]:
+            (top, left), (bottom, right) = points.min(axis=0), points.max(axis=0) + 1
+            centre = points.mean(axis=0)
+            extent = max(bottom - top, right - left) / scale
+            side = FRAME_IN_RED_CELLS * red_cell if red_cell else FRAME_IN_CELL_EXTENTS * extent
+            edge = BORDER_MARGIN  # a cell cut by the border often stains a pixel short of the very edge
+            cut = min(top, left) <= edge or bottom >= mask.shape[0] - edge or right >= mask.shape[1] - edge
+            frames.append(
+                CellFrame(
+                    centre_x=float(centre[1] + 0.5) / scale,
+                    centre_y=float(centre[0] + 0.5) / scale,
+                    side=float(side),
+                    found=True,
+                    candidates=0,
+                    scale_from=scale_from,
+                    extent=float(extent),
+                    cut=bool(cut),
+                )
             )
-        )
     frames.sort(key=lambda f: (round(f.centre_y), f.centre_x))  # reading order: top to bottom, left to right
     frames = [replace(f, candidates=len(frames), index=i) for i, f in enumerate(frames)]
     # a field: several cells, or an image many cell frames across (the cells' own, else a red cell's)

@@ -169,6 +169,7 @@ PRESETS: dict[str, TrainConfig] = {
         colour="lab",
         crop="cell",
         augment=replace(CROSS_LAB_AUGMENT, translate=4, blur=1.8),
+        freeze_norm=True,  # BatchNorm keeps ImageNet's statistics: better on every lab left out
     ),
     "fast": TrainConfig(model="res-small", epochs=15, label_smoothing=0.1, augment=AugmentConfig()),
     "study": TrainConfig(
