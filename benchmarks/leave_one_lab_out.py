@@ -58,20 +58,19 @@ RES28 = replace(PRESETS["crosslab"], lab_share=0.5)  # res-small, 15 epochs, Lab
 STRONG = replace(
     PHOTO, translate=4, stain=0.3, brightness=0.25, contrast=0.25, gamma=0.3, saturation=0.4, blur=3.0, scale=0.5
 )
-LITE64 = PRESETS["multilab"]  # the packaged recipe: ImageNet Lite0 at 64 px, Lab colour, PHOTO + translate, blur
+# the packaged recipe: ImageNet Lite0 at 64 px, BatchNorm frozen, Lab colour, PHOTO + translate, blur
+LITE64 = PRESETS["multilab"]
 VARIANTS: dict[str, TrainConfig] = {
     "res28": RES28,
     "res28-nolab": replace(RES28, colour="none"),
     "res28-noaug": replace(RES28, augment=AugmentConfig()),
     "res28-gn": replace(RES28, model="res-small-gn"),
     "lite64": LITE64,
+    "lite64-trainbn": replace(LITE64, freeze_norm=False),  # BatchNorm statistics trained: the recipe before
     "lite64-nolab": replace(LITE64, colour="none"),
-    "lite64-frozenbn": replace(LITE64, freeze_norm=True),
     "lite64-ema": replace(LITE64, ema_decay=0.998),
     "lite64-long": replace(LITE64, epochs=8),
     "lite64-strong": replace(LITE64, augment=STRONG),
-    "lite64-frozenbn-strong": replace(LITE64, freeze_norm=True, augment=STRONG),
-    "lite64-frozenbn-nolab": replace(LITE64, freeze_norm=True, colour="none"),
     "lite96": replace(LITE64, image_size=96, augment=replace(PHOTO, translate=6, blur=2.7)),
 }
 

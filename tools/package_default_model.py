@@ -50,16 +50,18 @@ def lolo_table(path: Path) -> str:
         f"The recipe trained without one lab, scored on all of that lab's images (five white-cell classes; "
         f"`python benchmarks/leave_one_lab_out.py lite64`, {json.loads(path.read_text())['stamp']['machine']}; "
         "mean ± std over seeds, see docs/other-labs.md):\n",
-        "| held out | seeds | accuracy | macro recall | flagged | right among unflagged |",
+        "| held out | seed(s) | accuracy | macro recall | flagged | right among unflagged |",
         "|---|---|---|---|---|---|",
     ]
     for lab in ("pbc", "chula", "lisc"):
         group = [r["held_out_scores"] for r in rows if r["held_out"] == lab]
         if not group:
             continue
-        cells = [mean_std([g[k] for g in group if g.get(k) is not None], 3) for k in
-                 ("accuracy", "macro_recall", "flagged_fraction", "selective_accuracy")]  # fmt: skip
-        lines.append(f"| {lab} | {len(group)} | " + " | ".join(cells) + " |")
+        keys = ("accuracy", "macro_recall", "flagged_fraction", "selective_accuracy")
+        values = [[g[k] for g in group if g.get(k) is not None] for k in keys]
+        cells = [mean_std(v, 3) if len(v) > 1 else f"{v[0]:.3f}" for v in values]
+        seeds = ", ".join(str(r["seed"]) for r in rows if r["held_out"] == lab)
+        lines.append(f"| {lab} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
