@@ -77,22 +77,30 @@ def _stain(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def first_pass_scale(image: Image.Image) -> tuple[float | None, float | None]:
-    """A red cell's diameter in the image's pixels, measured from whole, round red cells, and
-    guessed from the field's largest well-stained object (a white cell's nucleus) for fields whose
-    red cells touch or are cut too often to be measured (None: too few red cells; no object)."""
+    """A red cell's diameter in the image's pixels, measured from whole, round red cells; where too
+    few are whole (touching or cut), guessed from the field's largest well-stained object, a white
+    cell's nucleus. Returns (measured, guessed); None where neither can be had."""
     pixels, scale = _working(image, COARSE_SIDE)
     stain, mask = _stain(pixels)
     _refuse_debris(mask)
     diameters = red_cell_diameters(pixels, mask)
-    measured = float(np.median(diameters)) / scale if len(diameters) >= MIN_RED_CELLS else None
+    if len(diameters) >= MIN_RED_CELLS:
+        return float(np.median(diameters)) / scale, None
     labels, count = ndimage.label(mask)
     areas = ndimage.sum(mask, labels, range(1, count + 1)) if count else np.zeros(0)
-    candidates = [i for i in range(1, count + 1) if areas[i - 1] >= MIN_NUCLEUS_PX]
-    contrast = {i: _contrast(stain, labels == i, mask) for i in candidates}
+    strong = _standing_out(stain, labels, mask, [i for i in range(1, count + 1) if areas[i - 1] >= MIN_NUCLEUS_PX])
+    if not strong:
+        return None, None
+    return None, float(2 * np.sqrt(max(areas[i - 1] for i in strong) / np.pi) / scale / NUCLEUS_IN_RED_CELLS)
+
+
+def _standing_out(stain: np.ndarray, labels: np.ndarray, stained: np.ndarray, candidates: list[int]) -> list[int]:
+    """The objects whose stain stands out from their surroundings, absolutely and beside the field's
+    most contrasted object, most contrasted first."""
+    contrast = {i: _contrast(stain, labels == i, stained) for i in candidates}
     best = max(contrast.values(), default=0.0)
-    strong = [areas[i - 1] for i in candidates if contrast[i] >= max(MIN_CONTRAST, RELATIVE_CONTRAST * best)]
-    guessed = 2 * np.sqrt(max(strong) / np.pi) / scale / NUCLEUS_IN_RED_CELLS if strong else None
-    return measured, guessed
+    kept = [i for i in candidates if contrast[i] >= max(MIN_CONTRAST, RELATIVE_CONTRAST * best)]
+    return sorted(kept, key=lambda i: -contrast[i])
 
 
 def _refuse_debris(mask: np.ndarray) -> None:
@@ -106,8 +114,9 @@ def find_white_cells(image: Image.Image, red_cell: float | None = None) -> Field
     """Every white cell in an RGB image, each framed like BloodMNIST; `red_cell` (pixels) replaces
     the measurement for a lab that knows its magnification."""
     stated = red_cell is not None
-    measured, guessed = first_pass_scale(image)
-    red_cell = red_cell if stated else measured
+    guessed = None
+    if not stated:
+        red_cell, guessed = first_pass_scale(image)
     # unmeasured: from the largest nucleus, but never a red cell smaller than RED_CELLS_ACROSS allow
     assumed = red_cell or max(guessed or 0.0, min(image.size) / RED_CELLS_ACROSS)
     pixels, scale = _working(image, min(min(image.size) * RED_CELL_PX / assumed, MAX_SIDE))
@@ -124,12 +133,9 @@ def find_white_cells(image: Image.Image, red_cell: float | None = None) -> Field
         if areas[i - 1] >= MIN_AREA * red_area
         and field_level - np.percentile(brightness[labels == i], 10) >= MIN_DARKNESS
     ]
-    contrast = {i: _contrast(stain, labels == i, mask) for i in candidates}
-    best = max(contrast.values(), default=0.0)
-    kept = [i for i in candidates if contrast[i] >= max(MIN_CONTRAST, RELATIVE_CONTRAST * best)]
-    if kept:
-        top = max(kept, key=lambda i: contrast[i])
-        kept = [i for i in kept if areas[i - 1] >= RELATIVE_AREA * areas[top - 1]]
+    kept = _standing_out(stain, labels, mask, candidates)
+    if kept:  # kept[0] is the most contrasted: platelets are tiny beside it
+        kept = [i for i in kept if areas[i - 1] >= RELATIVE_AREA * areas[kept[0] - 1]]
     scale_from = "stated red cell" if stated else "red cells" if red_cell else "cell extent"
     if len(kept) > MAX_CELLS:
         raise ImageError(
@@ -137,25 +143,25 @@ def find_white_cells(image: Image.Image, red_cell: float | None = None) -> Field
         )
     frames = []
     for group in _groups(kept, labels, MERGE * assumed * scale, areas):
-        for points in [np.argwhere(np.isin(labels, group))]:
-            (top, left), (bottom, right) = points.min(axis=0), points.max(axis=0) + 1
-            centre = points.mean(axis=0)
-            extent = max(bottom - top, right - left) / scale
-            side = FRAME_IN_RED_CELLS * red_cell if red_cell else FRAME_IN_CELL_EXTENTS * extent
-            edge = BORDER_MARGIN  # a cell cut by the border often stains a pixel short of the very edge
-            cut = min(top, left) <= edge or bottom >= mask.shape[0] - edge or right >= mask.shape[1] - edge
-            frames.append(
-                CellFrame(
-                    centre_x=float(centre[1] + 0.5) / scale,
-                    centre_y=float(centre[0] + 0.5) / scale,
-                    side=float(side),
-                    found=True,
-                    candidates=0,
-                    scale_from=scale_from,
-                    extent=float(extent),
-                    cut=bool(cut),
-                )
+        points = np.argwhere(np.isin(labels, group))
+        (top, left), (bottom, right) = points.min(axis=0), points.max(axis=0) + 1
+        centre = points.mean(axis=0)
+        extent = max(bottom - top, right - left) / scale
+        side = FRAME_IN_RED_CELLS * red_cell if red_cell else FRAME_IN_CELL_EXTENTS * extent
+        edge = BORDER_MARGIN  # a cell cut by the border often stains a pixel short of the very edge
+        cut = min(top, left) <= edge or bottom >= mask.shape[0] - edge or right >= mask.shape[1] - edge
+        frames.append(
+            CellFrame(
+                centre_x=float(centre[1] + 0.5) / scale,
+                centre_y=float(centre[0] + 0.5) / scale,
+                side=float(side),
+                found=True,
+                candidates=0,
+                scale_from=scale_from,
+                extent=float(extent),
+                cut=bool(cut),
             )
+        )
     frames.sort(key=lambda f: (round(f.centre_y), f.centre_x))  # reading order: top to bottom, left to right
     frames = [replace(f, candidates=len(frames), index=i) for i, f in enumerate(frames)]
     # a field: several cells, or an image many cell frames across (the cells' own, else a red cell's)
