@@ -96,3 +96,33 @@ def test_cell_crop_through_preprocess(tmp_path):
     assert pixels.shape == (28, 28, 3) and frame is not None and frame.found
     centre = pixels[10:18, 10:18].reshape(-1, 3).mean(0)
     assert centre[2] > centre[1] + 40  # the violet cell is in the middle of the model's input
+
+
+def crop_of_a_lab(seed: int, red_diameter: float = 60, side: int = 260) -> Image.Image:
+    """A crop cut around a white cell, too small to hold the three whole red cells `locate` needs."""
+    return smear(size=(side, side), red_diameter=red_diameter, white_at=(side / 2, side / 2), reds=3, seed=seed)
+
+
+def test_a_labs_magnification_is_measured_over_its_crops_together():
+    crops_ = [crop_of_a_lab(seed) for seed in range(12)]
+    assert all(cells.locate(c).scale_from != "red cells" for c in crops_)  # alone, none can be measured
+    scale = cells.lab_red_cell(crops_)
+    assert scale.images == 12 and scale.measurable >= 3
+    assert scale.red_cell == pytest.approx(60, rel=0.1)
+    assert "a red cell is" in scale.describe()
+    crop, measured = crops.measured(runs.Crop.parse(runs.MEASURE), crops_)
+    assert measured == scale and crop.red_cell == scale.red_cell and not crop.measure
+    assert crops.measured(runs.Crop.parse("cell"), crops_) == (runs.Crop(None), None)
+
+
+def test_tight_crops_state_no_magnification():
+    tight = []
+    for seed in range(8):
+        image = Image.new("RGB", (150, 150), (225, 225, 230))
+        ImageDraw.Draw(image).ellipse((15 + seed, 15, 135, 135 - seed), fill=NUCLEUS)
+        tight.append(image)
+    scale = cells.lab_red_cell(tight + [b"not an image"])  # an unreadable one is passed over
+    assert scale.red_cell is None and scale.images == 8 and scale.measurable == 0
+    assert "too few to state a magnification" in scale.describe()
+    crop, _ = crops.measured(runs.Crop.parse(runs.MEASURE), tight)
+    assert crop == runs.Crop(None)  # each image framed on its own, as with 'cell'

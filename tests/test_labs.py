@@ -15,6 +15,7 @@ from bloodcell.classes import CLASSES
 from bloodcell.datasets import bloodmnist
 from bloodcell.datasets.labs import hold_out_groups, read_lab
 from bloodcell.errors import BloodcellError
+from bloodcell.images import cells
 from bloodcell.inference import ood
 from bloodcell.training import sampling
 from bloodcell.training.recipe import PRESETS, TrainConfig, with_overrides
@@ -51,6 +52,19 @@ def test_a_lab_folder_is_framed_as_model_input_with_its_groups(tmp_path):
     assert lab.class_counts() == dict.fromkeys(WHITE, 6)
     assert len(set(lab.groups)) == 15 and lab.groups[0] == "basophil-0"
     assert "lab_a: 30 images" in lab.describe() and "15 groups" in lab.describe()
+
+
+def test_a_lab_folder_framed_with_its_measured_magnification(tmp_path):
+    from tests.test_cells import crop_of_a_lab
+
+    folder = tmp_path / "lab_b"
+    (folder / "neutrophil").mkdir(parents=True)
+    for seed in range(10):
+        crop_of_a_lab(seed, red_diameter=60).save(folder / "neutrophil" / f"{seed}.png")
+    measured = read_lab(folder, 28, "cell:measure")
+    stated = read_lab(folder, 28, f"cell:{cells.lab_red_cell(sorted(folder.glob('*/*.png'))).red_cell}")
+    assert torch.equal(measured.images, stated.images)  # the lab's one magnification frames every crop
+    assert not torch.equal(measured.images, read_lab(folder, 28, "cell").images)
 
 
 def test_held_out_groups_never_straddle_the_split(tmp_path):

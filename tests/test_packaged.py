@@ -52,6 +52,20 @@ def test_predict_and_explain_without_a_run_use_the_packaged_model(cell_images, t
     assert "packaged with bloodcell" in explained.stderr and len(list((tmp_path / "cams").glob("*.png"))) == 1
 
 
+def test_evaluate_without_a_run_scores_a_labs_folder_with_the_packaged_model(cell_images, tmp_path, monkeypatch):
+    lab = tmp_path / "lab"
+    (lab / "neutrophil").mkdir(parents=True)
+    for image in cell_images[:3]:
+        (lab / "neutrophil" / image.name).write_bytes(image.read_bytes())
+    monkeypatch.chdir(tmp_path)  # the figures of the packaged model go here, never into the package
+    result = call_cli("evaluate", "--images", lab, "--crop", "none", "--json")
+    assert "packaged with bloodcell" in result.stderr
+    scored = json.loads(result.stdout)
+    assert scored["n"] == 3 and scored["figures"] == ["confusion_lab.png"]
+    assert (tmp_path / "confusion_lab.png").is_file()
+    assert not list(runs.PACKAGED_RUN.glob("confusion_*.png"))
+
+
 def test_a_misnamed_or_misplaced_run_is_a_one_line_error(cell_images, synthetic_run):
     folder = cell_images[0].parent
     typo = call_cli("predict", folder.parent / "no-such-run", folder, check=False)

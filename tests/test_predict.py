@@ -170,6 +170,23 @@ def test_a_stated_red_cell_size_frames_the_cell_through_the_cli(synthetic_run, t
     assert right - left == pytest.approx(50 * 200 / 73, abs=1.5)
 
 
+def test_a_labs_magnification_measured_over_a_folder_frames_every_crop(synthetic_run, tmp_path):
+    from tests.test_cells import crop_of_a_lab
+
+    folder = tmp_path / "lab" / "neutrophil"
+    folder.mkdir(parents=True)
+    for seed in range(10):
+        crop_of_a_lab(seed, red_diameter=60).save(folder / f"crop{seed}.png")
+    result = call_cli("predict", synthetic_run, folder, "--crop", "cell:measure")
+    assert result.stdout.splitlines()[0].startswith("framing: red cells measurable in")
+    data = json.loads(call_cli("predict", synthetic_run, folder, "--crop", "cell:measure", "--json").stdout)
+    red_cell = float(data["crop"].removeprefix("cell:"))
+    assert red_cell == pytest.approx(60, rel=0.1)
+    assert {r["cell"]["scale_from"] for r in data["records"]} == {"stated red cell"}
+    scored = call_cli("evaluate", synthetic_run, "--images", tmp_path / "lab", "--crop", "cell:measure", "--json")
+    assert json.loads(scored.stdout)["crop"] == data["crop"]
+
+
 def test_restricted_to_some_classes_answers_only_among_them(synthetic_run, synthetic_file, cell_images):
     classifier = bloodcell.load(synthetic_run)
     images = bloodmnist.load(data_file=synthetic_file).val.images

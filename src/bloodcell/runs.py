@@ -46,22 +46,31 @@ RUN_PATTERNS = (
 CHECKPOINT_PATTERNS = ("state.json", "state-*.safetensors", ".*.tmp")
 
 
+MEASURE = "cell:measure"  # the crop spec that measures a lab's magnification over its images
+
+
 @dataclass(frozen=True)
 class Crop:
     """How a full-size image is framed: 'cell' (find the white cell, frame it like BloodMNIST),
     'cell:PX' (the same, for images where a red cell is PX pixels across: a lab that knows its
-    magnification), 'medmnist' (the MedMNIST geometry scaled to the image), 'none' (largest
-    centred square), or a fraction of the short side, centred."""
+    magnification), 'cell:measure' (the same, with PX measured once over all the images given:
+    one lab's images at a time), 'medmnist' (the MedMNIST geometry scaled to the image), 'none'
+    (largest centred square), or a fraction of the short side, centred."""
 
     fraction: float | None  # None: find the cell
     red_cell: float | None = None  # with 'cell': a red cell's diameter in the images, in pixels
+    measure: bool = False  # with 'cell': measure `red_cell` over the batch (`cells.lab_red_cell`) first
 
     @classmethod
     def parse(cls, spec: str | float) -> Crop:
         if isinstance(spec, bool) or not isinstance(spec, (str, int, float)):
-            raise BloodcellError(f"--crop must be 'cell', 'cell:PX', 'medmnist', 'none' or a fraction, got {spec!r}")
+            raise BloodcellError(
+                f"--crop must be 'cell', 'cell:PX', 'cell:measure', 'medmnist', 'none' or a fraction, got {spec!r}"
+            )
         if spec == "cell":
             return cls(None)
+        if spec == MEASURE:
+            return cls(None, measure=True)
         if isinstance(spec, str) and spec.startswith("cell:"):
             try:
                 red_cell = float(spec.removeprefix("cell:"))
@@ -78,7 +87,8 @@ class Crop:
             fraction = float(spec)
         except ValueError:
             raise BloodcellError(
-                f"--crop must be 'cell', 'cell:PX', 'medmnist', 'none' or a fraction in (0, 1], got {spec!r}"
+                f"--crop must be 'cell', 'cell:PX', 'cell:measure', 'medmnist', 'none' or a fraction in (0, 1], "
+                f"got {spec!r}"
             ) from None
         if not 0 < fraction <= 1:
             raise BloodcellError(f"--crop fraction must be in (0, 1], got {fraction}")

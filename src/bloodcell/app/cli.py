@@ -518,7 +518,7 @@ def _evaluate_arguments() -> list[Arg]:
     from bloodcell.inference.classifier import PredictOptions
 
     return [
-        RUN,
+        PACKAGED_OR_RUN,
         *DATA,
         arg("--split", default="test", choices=("train", "val", "test"), help="split (default test)"),
         arg(
@@ -541,7 +541,7 @@ def _evaluate_arguments() -> list[Arg]:
             help="the classes of the YOLO class ids, in order (e.g. neutrophil,eosinophil,basophil,lymphocyte,"
             "monocyte); VOC files name theirs",
         ),
-        arg("--out", help="folder for the figures (default: the run directory)"),
+        arg("--out", help="folder for the figures (default: the run directory; for the packaged model, here)"),
         *options_for(PredictOptions, ("crop", "tta", "min_confidence", "batch_size", "workers")),
         *INFERENCE,
     ]
@@ -553,16 +553,21 @@ def _evaluate_arguments() -> list[Arg]:
     _evaluate_arguments,
 )
 def cmd_evaluate(args: argparse.Namespace) -> Output:
+    from bloodcell import runs
     from bloodcell.evaluation.scoring import evaluate, format_metrics
     from bloodcell.reporting.figures import write_figures
 
+    note = () if args.run_dir else (f"no run named: using the model packaged with bloodcell ({runs.PACKAGED_RUN})",)
     classifier = _classifier(args)
-    folder = _writable_folder(Path(args.out or args.run_dir))
+    folder = _writable_folder(Path(args.out or args.run_dir or "."))
+    args.run_dir = args.run_dir or runs.PACKAGED_RUN
     existed = set(folder.glob("*.png")) if folder.is_dir() else set()
     if args.images:
-        return _evaluate_folder(classifier, args, folder, existed)
+        output = _evaluate_folder(classifier, args, folder, existed)
+        return replace(output, warnings=note + tuple(output.warnings))
     if args.fields:
-        return _evaluate_fields(classifier, args)
+        output = _evaluate_fields(classifier, args)
+        return replace(output, warnings=note + tuple(output.warnings))
     split = _dataset(args, classifier.image_size).split(args.split)
     logits, ood_scores = classifier.logits_and_ood(split.images, tta=args.tta)
     result = evaluate(classifier, split, args.tta, logits, ood_scores, args.min_confidence)
@@ -571,7 +576,8 @@ def cmd_evaluate(args: argparse.Namespace) -> Output:
         f"{printable(args.run_dir)}: {args.split} split{' with TTA' if args.tta else ''}\n{_answering(classifier)}"
         f"{format_metrics(result)}\n\n{_wrote(figures, existed)}"
     )
-    return Output(result | {"figures": [str(p) for p in figures], "answerable": list(classifier.answerable)}, text)
+    data = result | {"figures": [str(p) for p in figures], "answerable": list(classifier.answerable)}
+    return Output(data, text, warnings=note)
 
 
 def _answering(classifier) -> str:
@@ -616,6 +622,7 @@ def _evaluate_folder(classifier, args: argparse.Namespace, folder: Path, existed
 
     files, labels, counts = labelled_folders(args.images, classifier.classes)
     options = replace(_prediction_options(args), cells="one")  # a labelled image is one cell
+    options, scale = classifier.measured_options(files, options)
     records = classifier.predict_files(files, options, progress=not args.json)
     unreadable = sum(r["error"] is not None for r in records)
     if unreadable == len(records):
@@ -629,7 +636,8 @@ def _evaluate_folder(classifier, args: argparse.Namespace, folder: Path, existed
         matrix, folder / f"confusion_{label}.png", label, rows=result["classes_present"], columns=classifier.classes
     )
     shown = " ".join(map(printable, args.images))
-    text = f"{printable(args.run_dir)} on {shown}\n{_answering(classifier)}{format_folder_scores(result)}\n\n"
+    measured = f"framing: {scale.describe()}\n" if scale else ""
+    text = f"{printable(args.run_dir)} on {shown}\n{measured}{_answering(classifier)}{format_folder_scores(result)}\n\n"
     text += _wrote([figure], existed)
     labelled = [r | {"label": classifier.classes[y]} for r, y in zip(records, labels)]
     data = result | {
@@ -637,6 +645,7 @@ def _evaluate_folder(classifier, args: argparse.Namespace, folder: Path, existed
         "records": labelled,
         "answerable": list(classifier.answerable),
         "warnings": list(classifier.record.warnings),
+        "crop": options.crop or classifier.record.preprocessing.crop,
     }
     failed = (f"{unreadable} of {len(records)} images could not be read: scored as wrong",) if unreadable else ()
     return Output(data, text, warnings=classifier.record.warnings + failed)
@@ -811,11 +820,14 @@ def cmd_predict(args: argparse.Namespace) -> Output:
         raise BloodcellError(f"no image files found in {' '.join(map(printable, args.paths))}")
     total = len(files)
     listing = sorted(files, key=str)
+    options, scale = classifier.measured_options(listing, options)  # over every shard's files: one framing
     if shard:
         files = listing[shard[0] - 1 :: shard[1]]
     records = classifier.predict_files(files, options, progress=not args.json)
     summary = differential(records, classifier.classes, args.wbc_count)
     lines = [_prediction_line(r) for r in records] + ["", _answering(classifier) + format_differential(summary)]
+    if scale:
+        lines.insert(0, f"framing: {scale.describe()}")
     exit_code = EXIT_NONE_CLASSIFIED if summary["classified"] == 0 else EXIT_SOME_FAILED if summary["failed"] else 0
     warnings = note + classifier.record.warnings + tuple(problems)
     data = {
@@ -824,6 +836,7 @@ def cmd_predict(args: argparse.Namespace) -> Output:
         "warnings": list(warnings),
         "classes": list(classifier.classes),
         "answerable": list(classifier.answerable),
+        "crop": options.crop or classifier.record.preprocessing.crop,
     }
     if shard:
         data["shard"] = {

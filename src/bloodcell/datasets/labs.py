@@ -87,7 +87,7 @@ def read_lab(folder: str | Path, size: int, crop: str, progress: bool = False) -
         if not decode.find_images([sub])
     ]
     groups = groups_of(folder, files)
-    framing = Crop.parse(crop)
+    framing, _ = crops.measured(Crop.parse(crop), files)  # 'cell:measure': this lab's magnification
 
     def framed(path: Path):
         try:

@@ -8,7 +8,8 @@ around the cell, whole fields with the cell anywhere among red cells) and magnif
 magnification from the red cells around it (a red cell is about 7.5 um across in any lab's
 smear), so the crop shows the cell where and at the size the model knows. Without enough whole
 red cells to measure (a tight crop), the stained cell's own extent sets the scale, unless the
-caller states a red cell's size in its images (`--crop cell:PX`).
+caller states a red cell's size in its images (`--crop cell:PX`) or lets `lab_red_cell` measure it
+once over many images of one lab (`--crop cell:measure`), where single crops hold too few.
 
 The constants were measured on the 400 PBC images of `pbc_sample` by
 `benchmarks/cell_framing.py`, which also reports how close the frames come to MedMNIST's crop.
@@ -16,11 +17,14 @@ The constants were measured on the 400 PBC images of `pbc_sample` by
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+
+from bloodcell.images import decode
 
 WORKING_SIDE = 100  # images are analysed at this short side (pixels); a red cell is ~20 px there
 FRAME_IN_RED_CELLS = 200 / 73.0  # BloodMNIST's frame, in red-cell diameters
@@ -31,6 +35,11 @@ MIN_RED_CELL_AREA = 25  # working pixels (6 px across): smaller round things are
 # A stained cell spanning more of the short side than this is in a crop cut around it
 # (its extent: PBC images p95 0.46, BCCD crops p5 0.62).
 TIGHT_CROP = 0.55
+# A lab's magnification from many of its images (`lab_red_cell`): measured on at most this many,
+# spread evenly, and trusted only where red cells can be measured in this share of them (tight
+# crops yield fragments that would give a wildly wrong scale: BCCD's crops, 4% measurable).
+LAB_SAMPLE = 200
+LAB_MIN_MEASURABLE = 0.25
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,41 @@ def red_cells_in(image: Image.Image) -> list[float]:
     scale = WORKING_SIDE / min(image.size)
     pixels = _working_pixels(image, scale)
     return [d / scale for d in red_cell_diameters(pixels, _stained_mask(pixels))]
+
+
+@dataclass(frozen=True)
+class LabScale:
+    """A lab's red-cell diameter measured over many of its images, or why it could not be."""
+
+    red_cell: float | None  # pixels (None: too few images with measurable red cells)
+    images: int  # images looked at
+    measurable: int  # of them, images with at least one whole, round red cell
+    red_cells: int  # red cells measured, pooled
+
+    def describe(self) -> str:
+        found = f"red cells measurable in {self.measurable} of {self.images} images"
+        if self.red_cell is None:
+            return f"{found}: too few to state a magnification, each image framed on its own"
+        return f"{found}: a red cell is {self.red_cell:.1f} px across ({self.red_cells} measured)"
+
+
+def lab_red_cell(sources: Sequence[decode.ImageSource]) -> LabScale:
+    """Measure one lab's magnification: the median diameter of the whole, round red cells of many of
+    its images, pooled. A crop rarely holds the three whole red cells `locate` needs, but a lab's
+    images share one magnification, so together they do. Unreadable images are passed over."""
+    step = max(1, len(sources) // LAB_SAMPLE)
+    sample = []
+    for source in sources[::step][:LAB_SAMPLE]:
+        try:
+            sample.append(decode.open_image(source))
+        except decode.ImageError:
+            continue
+    measured = [red_cells_in(image) for image in sample]
+    diameters = [d for found in measured for d in found]
+    measurable = sum(1 for found in measured if found)
+    trusted = bool(sample) and measurable >= LAB_MIN_MEASURABLE * len(sample)
+    red_cell = float(np.median(diameters)) if trusted else None
+    return LabScale(red_cell, len(sample), measurable, len(diameters))
 
 
 def _working_pixels(image: Image.Image, scale: float) -> np.ndarray:

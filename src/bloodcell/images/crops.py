@@ -13,6 +13,7 @@ fitted by least squares on half of the sample (`medmnist_filter.json`, made by
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -28,6 +29,15 @@ from bloodcell.runs import MEDMNIST_CROP, Crop
 
 FILTER_FILE = Path(__file__).with_name("medmnist_filter.json")
 MEDMNIST = Crop(MEDMNIST_CROP)  # BloodMNIST's own framing: the default for full-size images
+
+
+def measured(crop: Crop, sources: Sequence[ImageSource]) -> tuple[Crop, cells.LabScale | None]:
+    """`crop` with 'cell:measure' resolved: a red cell's size measured over `sources`, one lab's
+    images (`cells.lab_red_cell`); each image framed on its own where too few show red cells."""
+    if not crop.measure:
+        return crop, None
+    scale = cells.lab_red_cell(sources)
+    return Crop(None, scale.red_cell), scale
 
 
 def centre_crop(image: Image.Image, fraction: float) -> Image.Image:

@@ -37,7 +37,8 @@ class PredictOptions:
     crop: str | None = knob(
         None,
         "framing of full-size images: 'cell' (find the white cell, frame it like BloodMNIST), 'cell:PX' "
-        "(the same where a red cell is PX pixels across in your images), 'medmnist' (the BloodMNIST "
+        "(the same where a red cell is PX pixels across in your images), 'cell:measure' (PX measured once "
+        "over all the images given: one lab's at a time), 'medmnist' (the BloodMNIST "
         "geometry), 'none' (largest centred square) or a fraction; default: what the run was trained for",
     )
     tta: bool = knob(False, "average over the 8 flips/rotations")
@@ -286,11 +287,22 @@ class Classifier:
         """(name, content) pairs already in memory, as `bloodcell serve` receives them."""
         return self.predict_sources(uploads, options_with(options, overrides))
 
+    def measured_options(
+        self, sources: list[decode.ImageSource], options: PredictOptions
+    ) -> tuple[PredictOptions, cells.LabScale | None]:
+        """`options` with a 'cell:measure' crop (given, or the run's) resolved over `sources`: a red
+        cell's size measured once over all of them (one lab's images), stated for every image."""
+        crop, scale = crops.measured(runs.Crop.parse(options.crop or self.record.preprocessing.crop), sources)
+        if scale is None:
+            return options, None
+        return replace(options, crop=f"cell:{crop.red_cell:.2f}" if crop.red_cell else "cell"), scale
+
     def predict_sources(
         self, named: list[tuple[str, decode.ImageSource]], options: PredictOptions, progress: bool = False
     ) -> list[dict]:
         """The one pipeline: decode in threads, preprocess, classify in batches; one record per
         image, or per white cell of a field."""
+        options, _ = self.measured_options([source for _, source in named], options)
         records: list[dict] = []
         with tqdm(total=len(named), unit="img", disable=not progress) as bar:
             for start in range(0, len(named), options.batch_size):
@@ -328,6 +340,7 @@ class Classifier:
 
         The MedMNIST filter runs once over the whole batch afterwards (a convolution: far cheaper
         on the batch than image by image inside the threads)."""
+        options, _ = self.measured_options([source for _, source in named], options)
         workers = options.workers or min(8, (os.cpu_count() or 2) * 2)
         p = self.record.preprocessing
         crop = runs.Crop.parse(options.crop or p.crop)
