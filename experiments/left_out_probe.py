@@ -15,7 +15,7 @@ of which a lab could make without retraining:
 
 If none of them moves accuracy much, what fails is what the network learnt, not the pipeline
 around it. Also prints where each class's images go (the confusion, by predicted class).
-The answers are in docs/other-labs.md#what-a-lab-can-change-without-retraining.
+The answer is documented in docs/other-labs.md#what-a-lab-can-change-without-retraining.
 """
 
 from __future__ import annotations
