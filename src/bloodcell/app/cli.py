@@ -234,9 +234,14 @@ def _run_or_packaged(args: argparse.Namespace, inputs: str) -> tuple[str, ...]:
     for path in paths:
         if runs.looks_like_run(path):
             raise BloodcellError(f"{printable(path)} is a run directory; name it first, then the images: RUN IMAGES...")
-    if args.run_dir is None:
-        return (f"no run named: using the model packaged with bloodcell ({runs.PACKAGED_RUN})",)
-    return ()
+    return _packaged_note() if args.run_dir is None else ()
+
+
+def _packaged_note() -> tuple[str, ...]:
+    """The warning a command prints when no RUN was named, so nobody mistakes the model for their own."""
+    from bloodcell import runs
+
+    return (f"no run named: using the model packaged with bloodcell ({runs.PACKAGED_RUN})",)
 
 
 def _writable_folder(folder: Path) -> Path:
@@ -557,7 +562,7 @@ def cmd_evaluate(args: argparse.Namespace) -> Output:
     from bloodcell.evaluation.scoring import evaluate, format_metrics
     from bloodcell.reporting.figures import write_figures
 
-    note = () if args.run_dir else (f"no run named: using the model packaged with bloodcell ({runs.PACKAGED_RUN})",)
+    note = () if args.run_dir else _packaged_note()
     classifier = _classifier(args)
     folder = _writable_folder(Path(args.out or args.run_dir or "."))
     args.run_dir = args.run_dir or runs.PACKAGED_RUN
