@@ -72,6 +72,8 @@ VARIANTS: dict[str, TrainConfig] = {
     "lite64-long": replace(LITE64, epochs=8),
     "lite64-strong": replace(LITE64, augment=STRONG),
     "lite96": replace(LITE64, image_size=96, augment=replace(PHOTO, translate=6, blur=2.7)),
+    "lite64-haze": replace(LITE64, augment=replace(LITE64.augment, haze=0.8)),  # flat, veiled labs
+    "lite64-measure": replace(LITE64, crop="cell:measure"),  # each lab framed at its measured magnification
 }
 
 

@@ -10,7 +10,9 @@ of which a lab could make without retraining:
   once over its images (`--crop cell:measure`: the whole, round red cells of up to 200 of them,
   pooled; each image on its own where under a quarter show any), or one stated (`--red-cell PX`);
 - colour normalisation: the per-image gain on the Lab spread capped lower than the run's 4x
-  (the lab's images are far flatter than the training labs', so their colours are stretched most);
+  (the lab's images are far flatter than the training labs', so their colours are stretched most),
+  or one gain shared by a and b (the smaller), so that hues are not turned by stretching a more
+  than b;
 - focus: a Gaussian blur or an unsharp mask on the model input.
 
 If none of them moves accuracy much, what fails is what the network learnt, not the pipeline
@@ -43,15 +45,17 @@ from bloodcell.inference.classifier import PredictOptions
 ONE_CELL = PredictOptions(cells="one")
 
 
-def capped_normalisation(max_l: float, max_ab: float) -> Callable:
-    """`colour.normalize_colours` with separate caps on the lightness and the colour gains."""
+def capped_normalisation(max_l: float, max_ab: float, shared_chroma: bool = False) -> Callable:
+    """`colour.normalize_colours` with separate caps on the lightness and the colour gains, and
+    (`shared_chroma`) a and b stretched by the smaller of their two gains."""
 
     def normalise(pixels: torch.Tensor, target: list[float]) -> torch.Tensor:
         lab = colour.rgb_to_lab(pixels)
         mean = lab.mean(dim=(2, 3), keepdim=True)
         spread = lab.std(dim=(2, 3), keepdim=True).clamp(min=colour.MIN_SPREAD)
         gain = torch.tensor(target[3:]).view(1, 3, 1, 1) / spread
-        gain = torch.cat([gain[:, :1].clamp(max=max_l), gain[:, 1:].clamp(max=max_ab)], dim=1)
+        chroma = gain[:, 1:].amin(dim=1, keepdim=True).expand(-1, 2, -1, -1) if shared_chroma else gain[:, 1:]
+        gain = torch.cat([gain[:, :1].clamp(max=max_l), chroma.clamp(max=max_ab)], dim=1)
         return colour.lab_to_rgb((lab - mean) * gain + torch.tensor(target[:3]).view(1, 3, 1, 1))
 
     return normalise
@@ -106,6 +110,9 @@ def main() -> None:
         "colour gain capped at 2": lambda: with_normalisation(capped_normalisation(2, 2), lambda: score(base)),
         "colour gain capped at 1.5 on a, b": lambda: with_normalisation(
             capped_normalisation(4, 1.5), lambda: score(base)
+        ),
+        "one colour gain for a and b": lambda: with_normalisation(
+            capped_normalisation(4, 4, shared_chroma=True), lambda: score(base)
         ),
         "blur, sigma 1 px": lambda: score(filtered(base, ImageFilter.GaussianBlur(1))),
         "unsharp mask, radius 1, 150%": lambda: score(filtered(base, ImageFilter.UnsharpMask(1, 150, 0))),

@@ -94,6 +94,23 @@ def test_photometric_changes_keep_pixels_in_range_and_grey_stays_grey():
     assert torch.allclose(out[:, 0], out[:, 1]) and torch.allclose(out[:, 1], out[:, 2])
 
 
+def test_haze_flattens_images_in_8_bit_steps_and_colour_normalisation_undoes_most_of_it():
+    from bloodcell.images.colour import normalize_colours, reference
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.rand(32, 3, 16, 16)
+    assert torch.equal(augment.random_haze(x, 0.0, g), x)
+    hazy = augment.random_haze(x, 0.9, g)
+    assert hazy.min() >= 0 and hazy.max() <= 1
+    assert torch.allclose(hazy * 255, (hazy * 255).round(), atol=1e-4)  # stored as 8 bits, like a photograph
+    spread, hazy_spread = x.std(dim=(1, 2, 3)), hazy.std(dim=(1, 2, 3))
+    assert (hazy_spread < spread).float().mean() > 0.8  # a veil lowers contrast
+    target = reference((x * 255).round().to(torch.uint8))
+    before = (normalize_colours(x, target) - normalize_colours(hazy, target)).abs().mean()
+    assert before < (x - hazy).abs().mean()  # after normalisation the veiled image is closer to its original
+    assert augment.AugmentConfig(haze=0.5).photometric
+
+
 def test_blur_and_scale_keep_flat_images_flat():
     g = torch.Generator().manual_seed(6)
     flat = torch.full((8, 3, 14, 14), 0.4)

@@ -41,10 +41,11 @@ class AugmentConfig:
     blur: float = knob(0.0, "maximum Gaussian blur sigma, in pixels of the model input")
     scale: float = knob(0.0, "maximum log-zoom (0.2: zoom in [0.82, 1.22], reflect-padded)")
     randconv: float = knob(0.0, "share of images blended with a random convolution of themselves (texture)")
+    haze: float = knob(0.0, "maximum veil: share blended toward a flat random colour, then 8-bit noise (flat labs)")
 
     @property
     def photometric(self) -> bool:
-        return any((self.stain, self.brightness, self.contrast, self.gamma, self.saturation, self.blur))
+        return any((self.stain, self.brightness, self.contrast, self.gamma, self.saturation, self.blur, self.haze))
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -155,6 +156,23 @@ def random_photometric(x: torch.Tensor, config: AugmentConfig, generator: torch.
     return x.clamp(0, 1)
 
 
+def random_haze(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """A veil over each image: blended toward a flat random colour by U(0, strength), then stored
+    as 8 bits with a little sensor noise.
+
+    Soft-focus, low-contrast photographs (some labs' whole image spans 6 L units where PBC's spans
+    22) reach the model after colour normalisation has stretched them up to 4x, noise and 8-bit
+    steps included. Colour normalisation undoes the veil itself; what it leaves is that stretch.
+    """
+    if strength <= 0:
+        return x
+    n = len(x)
+    weight = _uniform(n, 0, strength, generator, x.device)
+    veil = (0.4 + 0.4 * torch.rand(n, 3, 1, 1, generator=generator)).to(x.device)
+    noise = torch.randn(x.shape, generator=generator).to(x.device) / 255
+    return ((1 - weight) * x + weight * veil + noise).mul(255).round().div(255).clamp(0, 1)
+
+
 def random_blur(x: torch.Tensor, max_sigma: float, generator: torch.Generator, levels: int = 4) -> torch.Tensor:
     """Gaussian blur with a per-image sigma in [0, max_sigma] (quantised to a few levels)."""
     if max_sigma <= 0:
@@ -233,6 +251,7 @@ def augment_batch(
         pixels = random_stain(images.float() / 255, config.stain, generator)
         pixels = random_photometric(pixels, config, generator)
         pixels = random_blur(pixels, config.blur, generator)
+        pixels = random_haze(pixels, config.haze, generator)
         if colour_target is not None:
             pixels = normalize_colours(pixels, colour_target)
         x = normalize(pixels * 255, mean, std)
