@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bloodcell.images.colour import normalize_colours, reference
 from bloodcell.training import augment
 
 
@@ -95,8 +96,6 @@ def test_photometric_changes_keep_pixels_in_range_and_grey_stays_grey():
 
 
 def test_haze_flattens_images_in_8_bit_steps_and_colour_normalisation_undoes_most_of_it():
-    from bloodcell.images.colour import normalize_colours, reference
-
     g = torch.Generator().manual_seed(8)
     x = torch.rand(32, 3, 16, 16)
     assert torch.equal(augment.random_haze(x, 0.0, g), x)
@@ -106,8 +105,8 @@ def test_haze_flattens_images_in_8_bit_steps_and_colour_normalisation_undoes_mos
     spread, hazy_spread = x.std(dim=(1, 2, 3)), hazy.std(dim=(1, 2, 3))
     assert (hazy_spread < spread).float().mean() > 0.8  # a veil lowers contrast
     target = reference((x * 255).round().to(torch.uint8))
-    before = (normalize_colours(x, target) - normalize_colours(hazy, target)).abs().mean()
-    assert before < (x - hazy).abs().mean()  # after normalisation the veiled image is closer to its original
+    normalised_gap = (normalize_colours(x, target) - normalize_colours(hazy, target)).abs().mean()
+    assert normalised_gap < (x - hazy).abs().mean()  # after normalisation the veiled image is closer to its original
     assert augment.AugmentConfig(haze=0.5).photometric
 
 

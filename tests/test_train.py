@@ -72,6 +72,9 @@ def interrupted(synthetic, tmp_path):
     return tmp_path / "run" / runs.CHECKPOINT
 
 
+DELETED = object()  # a change that removes the field
+
+
 def _resume(synthetic, folder, config=TINY):
     return train_run(synthetic, folder.parent, config, progress=False, resume=True)
 
@@ -91,13 +94,15 @@ def test_a_deleted_state_file_is_reported_not_restarted(synthetic, interrupted):
         ({"tensors": "/tmp/state-1.safetensors"}, "not a checkpoint file in this folder"),
         ({"epoch": 99}, "does not fit a run of 2 epochs"),
         ({"epoch": "1"}, "does not fit a run of 2 epochs"),
-        ({"history": None}, "not a bloodcell checkpoint"),
+        ({"history": DELETED}, "not a bloodcell checkpoint"),
+        ({"history": None}, "history is not a list"),
+        ({"history": {"epoch": 1}}, "history is not a list"),
     ],
 )
 def test_edited_state_files_are_refused(synthetic, interrupted, change, message):
     state = json.loads((interrupted / checkpoint.STATE).read_text())
     for key, value in change.items():
-        if value is None:
+        if value is DELETED:
             del state[key]
         else:
             state[key] = value

@@ -88,6 +88,8 @@ def load(folder: Path, epochs: int) -> TrainingState:
     name, epoch = meta["tensors"], meta["epoch"]
     if not isinstance(name, str) or not TENSORS_NAME.fullmatch(name):
         raise BloodcellError(f"{path}: tensors file {name!r} is not a checkpoint file in this folder")
+    if not isinstance(meta["history"], list):
+        raise BloodcellError(f"{path}: the history is not a list of epoch records")
     if not isinstance(epoch, int) or not 1 <= epoch <= epochs or len(meta["history"]) != epoch:
         raise BloodcellError(f"{path}: epoch {epoch!r} does not fit a run of {epochs} epochs")
     _check_json_parts(path, meta)
