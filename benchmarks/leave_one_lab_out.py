@@ -58,8 +58,9 @@ RES28 = replace(PRESETS["crosslab"], lab_share=0.5)  # res-small, 15 epochs, Lab
 STRONG = replace(
     PHOTO, translate=4, stain=0.3, brightness=0.25, contrast=0.25, gamma=0.3, saturation=0.4, blur=3.0, scale=0.5
 )
-# the packaged recipe: ImageNet Lite0 at 64 px, BatchNorm frozen, Lab colour, PHOTO + translate, blur
-LITE64 = PRESETS["multilab"]
+# ImageNet Lite0 at 64 px, BatchNorm frozen, Lab colour, PHOTO + translate, blur; 4 epochs, as first
+# packaged. Every lite64-* variant changes one setting of it; lite64-long (8 epochs) is the packaged recipe.
+LITE64 = replace(PRESETS["multilab"], epochs=4)
 VARIANTS: dict[str, TrainConfig] = {
     "res28": RES28,
     "res28-nolab": replace(RES28, colour="none"),
@@ -69,7 +70,7 @@ VARIANTS: dict[str, TrainConfig] = {
     "lite64-trainbn": replace(LITE64, freeze_norm=False),  # BatchNorm statistics trained: the recipe before
     "lite64-nolab": replace(LITE64, colour="none"),
     "lite64-ema": replace(LITE64, ema_decay=0.998),
-    "lite64-long": replace(LITE64, epochs=8),
+    "lite64-long": PRESETS["multilab"],
     "lite64-strong": replace(LITE64, augment=STRONG),
     "lite96": replace(LITE64, image_size=96, augment=replace(PHOTO, translate=6, blur=2.7)),
     "lite64-haze": replace(LITE64, augment=replace(LITE64.augment, haze=0.8)),  # flat, veiled labs

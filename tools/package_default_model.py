@@ -44,11 +44,14 @@ COPIED = (runs.MODEL_WEIGHTS, runs.OOD_WEIGHTS, runs.METRICS, runs.HISTORY)
 
 def lolo_table(path: Path) -> str:
     """The leave-one-lab-out rows of the packaged recipe, from the benchmark's JSON."""
-    rows = [r for r in json.loads(path.read_text())["rows"] if r["held_out"] != "none"]
+    table = json.loads(path.read_text())
+    rows = [r for r in table["rows"] if r["held_out"] != "none"]
+    measured = table.get("joined", [table["stamp"]])  # a joined table keeps the stamp of each run it joins
+    where = "; ".join(sorted({f"{m['machine']}, {m['date']}" for m in measured}))
     lines = [
         "\n## Leave one lab out\n",
         f"The recipe trained without one lab, scored on all of that lab's images (five white-cell classes; "
-        f"`python benchmarks/leave_one_lab_out.py lite64`, {json.loads(path.read_text())['stamp']['machine']}; "
+        f"`python benchmarks/leave_one_lab_out.py lite64-long`, {where}; "
         "mean ± std over seeds, see docs/other-labs.md):\n",
         "| held out | seed(s) | accuracy | macro recall | flagged | right among unflagged |",
         "|---|---|---|---|---|---|",
