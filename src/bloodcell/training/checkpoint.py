@@ -88,11 +88,9 @@ def load(folder: Path, epochs: int) -> TrainingState:
     name, epoch = meta["tensors"], meta["epoch"]
     if not isinstance(name, str) or not TENSORS_NAME.fullmatch(name):
         raise BloodcellError(f"{path}: tensors file {name!r} is not a checkpoint file in this folder")
-    if not isinstance(meta["history"], list):
-        raise BloodcellError(f"{path}: the history is not a list of epoch records")
+    _check_json_parts(path, meta)
     if not isinstance(epoch, int) or not 1 <= epoch <= epochs or len(meta["history"]) != epoch:
         raise BloodcellError(f"{path}: epoch {epoch!r} does not fit a run of {epochs} epochs")
-    _check_json_parts(path, meta)
     tensors = load_tensors(folder / name)
     missing = [k for k in ("rng.generator", "rng.torch") if k not in tensors]
     if missing or not any(k.startswith("model.") for k in tensors):
@@ -123,7 +121,9 @@ def _check_json_parts(path: Path, meta: dict) -> None:
     """The JSON half of a checkpoint, checked before any work: an edited history, early-stopping
     record or scheduler must fail here, not after an epoch of training."""
     history, best, config = meta["history"], meta["best"], meta["config"]
-    for i, row in enumerate(history if isinstance(history, list) else [None]):
+    if not isinstance(history, list):
+        raise BloodcellError(f"{path}: the history is not a list of epoch records")
+    for i, row in enumerate(history):
         if not isinstance(row, dict) or row.get("epoch") != i + 1:
             raise BloodcellError(f"{path}: history row {i + 1} is not a record of epoch {i + 1}")
         if not all(_number(v) or v is None for v in row.values()):
